@@ -1,0 +1,1 @@
+"""Settings: command-line flags and the dataset TOML, parsed and validated once into typed objects."""

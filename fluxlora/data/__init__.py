@@ -1,0 +1,1 @@
+"""Images, captions, buckets, datasets and content-keyed caches."""

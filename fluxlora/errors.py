@@ -1,0 +1,37 @@
+"""Typed errors. Library code raises these; only the command line turns them into exit codes.
+
+Every message names the file, key or flag at fault and says what to do, on one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class FluxLoraError(Exception):
+    """Base of every error fluxlora raises on purpose (bad input, bad settings, bad files)."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, key: str | None = None):
+        super().__init__(message)
+        self.path = str(path) if path is not None else None
+        self.key = key
+
+
+class ConfigError(FluxLoraError):
+    """A command-line flag, a --config_file value or a combination of settings is wrong."""
+
+
+class DatasetError(FluxLoraError):
+    """The dataset TOML, an image, a caption or a dataset folder is wrong."""
+
+
+class CheckpointError(FluxLoraError):
+    """A model, LoRA or state file is missing, of the wrong kind, truncated or does not fit."""
+
+
+class CacheError(FluxLoraError):
+    """A cache entry cannot be read or written."""
+
+
+class TrainingError(FluxLoraError):
+    """Training cannot continue (non-finite losses, a failed save, an interrupted run)."""

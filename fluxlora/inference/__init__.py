@@ -1,0 +1,1 @@
+"""Image generation: the flow-matching Euler sampler and flux_minimal_inference.py."""

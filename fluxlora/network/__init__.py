@@ -1,0 +1,1 @@
+"""The LoRA network (networks.lora_flux) and its file formats."""

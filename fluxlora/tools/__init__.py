@@ -1,0 +1,1 @@
+"""merge, extract and convert tools with sd-scripts' names and flags."""

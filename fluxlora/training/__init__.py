@@ -1,0 +1,1 @@
+"""The training step maths, optimizers, state, validation and the loop."""
