@@ -1,0 +1,499 @@
+"""From a dataset blueprint to image entries, buckets, the validation split and each epoch's batches.
+
+Semantics follow sd-scripts (spec §2.2, §2.3, §2.5): `num_repeats` copies per image, regularisation images
+rebalanced to the training count, one batch list per bucket (`ceil(len / batch_size)` batches, never mixing
+buckets or datasets), reshuffled every epoch. Fixed on purpose: the validation split is disjoint from training
+for every (n, split) and also applies to fine-tuning datasets (§12.17); the epoch order and every per-sample
+random choice are pure functions of (seed, epoch, batch index, position), so a resumed run sees the very same
+batches, whatever worker process builds them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fluxlora.config.dataset import DatasetBlueprint, DatasetConfig, SubsetConfig
+from fluxlora.data.buckets import assign_bucket, make_buckets
+from fluxlora.data.captions import CaptionOptions, caching_blockers, read_caption
+from fluxlora.data.images import IMAGE_EXTENSIONS, image_size, list_images
+from fluxlora.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+Size = tuple[int, int]
+Split = Literal["train", "validation"]
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image of a dataset. `num_repeats` is after regularisation rebalancing (1 for validation images)."""
+
+    path: Path
+    caption: str  # raw caption text; processed per sample by captions.process_caption
+    subset: int  # index into DatasetConfig.subsets
+    is_reg: bool
+    loss_weight: float
+    size: Size  # (width, height) after EXIF rotation
+    bucket: Size
+    resized_size: Size  # cover-resize target before the crop to `bucket`
+    num_repeats: int = 1
+
+    @property
+    def key(self) -> str:
+        """Identity of the image for caches and logs: its absolute path."""
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class BuiltDataset:
+    """One `[[datasets]]` entry with its images; `split` tells training entries from held-out ones."""
+
+    config: DatasetConfig
+    entries: tuple[ImageEntry, ...]
+    caption_options: tuple[CaptionOptions, ...]  # one per subset
+    split: Split = "train"
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    num_reg_images: int = 0  # regularisation images x their configured repeats, before rebalancing
+
+    def bucket_items(self) -> dict[Size, list[int]]:
+        """Entry indices per bucket, each repeated `num_repeats` times (sorted buckets, entry order)."""
+        items: dict[Size, list[int]] = {}
+        for i, entry in enumerate(self.entries):
+            items.setdefault(entry.bucket, []).extend([i] * entry.num_repeats)
+        return dict(sorted(items.items()))
+
+    @property
+    def num_batches(self) -> int:
+        bs = self.config.batch_size
+        return sum(math.ceil(len(v) / bs) for v in self.bucket_items().values())
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """One batch of an epoch: which dataset, bucket and entries (with repeats), and where it sits in the epoch."""
+
+    dataset: int
+    bucket: Size
+    entries: tuple[int, ...]
+    epoch: int
+    index: int
+
+
+def sample_rng(seed: int, epoch: int, batch_index: int, position: int, purpose: str) -> random.Random:
+    """The random source of one sample's choice (`purpose`: caption, image): a pure function of its arguments.
+
+    String seeds go through SHA-512 in CPython, so this is the same in every process and Python run.
+    """
+    return random.Random(f"fluxlora:{purpose}:{seed}:{epoch}:{batch_index}:{position}")
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Every dataset of the run, built; what the loader, the trainer and the `ss_*` metadata need."""
+
+    datasets: tuple[BuiltDataset, ...]
+    validation: tuple[BuiltDataset, ...]
+    prior_loss_weight: float = 1.0
+    num_skipped_images: int = 0
+
+    @property
+    def num_train_images(self) -> int:
+        """Training samples per epoch with repeats, regularisation excluded (sd-scripts' `num_train_images`)."""
+        return sum(e.num_repeats for d in self.datasets for e in d.entries if not e.is_reg)
+
+    @property
+    def num_reg_images(self) -> int:
+        """Regularisation images times their configured repeats, before rebalancing (sd-scripts' count)."""
+        return sum(d.num_reg_images for d in self.datasets)
+
+    @property
+    def num_reg_samples(self) -> int:
+        """Regularisation samples per epoch after rebalancing to the training count."""
+        return sum(e.num_repeats for d in self.datasets for e in d.entries if e.is_reg)
+
+    @property
+    def num_validation_images(self) -> int:
+        return sum(len(d.entries) for d in self.validation)
+
+    @property
+    def num_batches_per_epoch(self) -> int:
+        return sum(d.num_batches for d in self.datasets)
+
+    def epoch_batches(self, seed: int, epoch: int) -> list[BatchSpec]:
+        """The batches of 1-based `epoch` in training order: a pure function of (seed, epoch).
+
+        Each bucket's items are shuffled and cut into `batch_size` chunks, then all batches of all datasets are
+        shuffled together (sd-scripts: per-dataset shuffle seeded with seed + epoch, DataLoader shuffle on top).
+        """
+        rng = random.Random(f"fluxlora:epoch:{seed}:{epoch}")
+        batches: list[tuple[int, Size, tuple[int, ...]]] = []
+        for d_index, dataset in enumerate(self.datasets):
+            bs = dataset.config.batch_size
+            for bucket, items in dataset.bucket_items().items():
+                items = list(items)
+                rng.shuffle(items)
+                batches.extend((d_index, bucket, tuple(items[k : k + bs])) for k in range(0, len(items), bs))
+        rng.shuffle(batches)
+        return [BatchSpec(d, b, e, epoch, i) for i, (d, b, e) in enumerate(batches)]
+
+    def validation_batches(self) -> list[BatchSpec]:
+        """Held-out batches in a fixed order (dataset, bucket, file); epoch 0 marks them for `sample_rng`."""
+        out: list[BatchSpec] = []
+        for d_index, dataset in enumerate(self.validation):
+            bs = dataset.config.batch_size
+            for bucket, items in dataset.bucket_items().items():
+                for k in range(0, len(items), bs):
+                    out.append(BatchSpec(d_index, bucket, tuple(items[k : k + bs]), 0, len(out)))
+        return out
+
+    def split_datasets(self, split: Split) -> tuple[BuiltDataset, ...]:
+        return self.datasets if split == "train" else self.validation
+
+    def cache_conflicts(self, *, cache_latents: bool, cache_text_encoder_outputs: bool) -> list[str]:
+        """Settings that make the requested caches wrong, one `subset key: reason` each (empty when fine)."""
+        out = []
+        for dataset in self.datasets:
+            for subset, opts in zip(dataset.config.subsets, dataset.caption_options, strict=True):
+                if cache_latents:
+                    for name in ("color_aug", "random_crop"):
+                        if getattr(subset, name):
+                            out.append(f"{subset.key}.{name}: changes pixels per sample, so latents cannot be "
+                                       "cached; turn it off or drop --cache_latents")
+                if cache_text_encoder_outputs:
+                    out.extend(f"{subset.key}.{name}: changes captions per sample, so text-encoder outputs "
+                               "cannot be cached; turn it off or drop --cache_text_encoder_outputs"
+                               for name in caching_blockers(opts))
+        return out
+
+    def metadata(self) -> list[dict[str, Any]]:
+        """`ss_datasets` entries (spec §6.3), one per training dataset."""
+        return [_dataset_metadata(d) for d in self.datasets]
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """`ss_tag_frequency`: {folder or metadata file name: {tag: count}} over every dataset."""
+        out: dict[str, dict[str, int]] = {}
+        for dataset in self.datasets:
+            for name, tags in dataset.tag_frequency.items():
+                merged = out.setdefault(name, {})
+                for tag, count in tags.items():
+                    merged[tag] = merged.get(tag, 0) + count
+        return out
+
+    def dataset_dirs(self) -> dict[str, dict[str, int]]:
+        """`ss_dataset_dirs`: {folder name: {n_repeats, img_count}} for non-reg subsets, duplicates suffixed."""
+        out: dict[str, dict[str, int]] = {}
+        for dataset in self.datasets:
+            counts = Counter(e.subset for e in dataset.entries if not e.is_reg)
+            for s_index, subset in enumerate(dataset.config.subsets):
+                if subset.is_reg:
+                    continue
+                name, n = _subset_name(subset), 2
+                base = name
+                while name in out:
+                    name, n = f"{base} ({n})", n + 1
+                out[name] = {"n_repeats": subset.num_repeats, "img_count": counts.get(s_index, 0)}
+        return out
+
+
+def caption_options(subset: SubsetConfig) -> CaptionOptions:
+    """The caption pipeline settings of a subset."""
+    names = CaptionOptions.__dataclass_fields__
+    return CaptionOptions(**{name: getattr(subset, name) for name in names})
+
+
+def _subset_name(subset: SubsetConfig) -> str:
+    path = subset.image_dir if subset.is_dreambooth else subset.metadata_file
+    return path.name if path is not None else ""
+
+
+def split_for_validation(paths: list[Path], split: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """(train, validation): shuffle the sorted paths with `random.Random(seed)`, hold out the first k.
+
+    k = round(n·split), at least 1 when split > 0 and n >= 2, at most n - 1 when split < 1 (every subset keeps
+    a training image); split = 1 holds out everything. Disjoint and covering by construction.
+    """
+    ordered = sorted(paths)
+    n = len(ordered)
+    if split <= 0 or n == 0:
+        return ordered, []
+    if split >= 1:
+        return [], ordered
+    k = min(max(round(n * split), 1), n - 1)
+    random.Random(seed).shuffle(ordered)
+    return sorted(ordered[k:]), sorted(ordered[:k])
+
+
+def rebalance_reg_repeats(reg_repeats: list[int], num_train: int) -> list[int]:
+    """Per-image repeats of regularisation images, exactly as sd-scripts (spec §2.2).
+
+    Images are registered in order, each with its own repeats, until the running count reaches `num_train`
+    (the rest get 0: dropped); then one repeat at a time is added round-robin until it does.
+    """
+    out = [0] * len(reg_repeats)
+    if not reg_repeats:
+        return out
+    n, first_loop = 0, True
+    while n < num_train:
+        for i, repeats in enumerate(reg_repeats):
+            if first_loop:
+                out[i] = repeats
+                n += repeats
+            else:
+                out[i] += 1
+                n += 1
+            if n >= num_train:
+                break
+        first_loop = False
+    return out
+
+
+@dataclass
+class _Found:
+    """Images of one subset before sizes and buckets: (path, raw caption, tags for tag frequency)."""
+
+    items: list[tuple[Path, str, str]] = field(default_factory=list)
+
+
+def _dreambooth_images(subset: SubsetConfig, problems: list[str]) -> _Found:
+    assert subset.image_dir is not None
+    found = _Found()
+    missing = 0
+    for path in list_images(subset.image_dir):
+        try:
+            caption = read_caption(path, subset.caption_extension, class_tokens=subset.class_tokens,
+                                   enable_wildcard=subset.enable_wildcard, warn=False)
+        except DatasetError as err:
+            problems.append(str(err))
+            continue
+        if caption is None:
+            missing += 1
+            caption = ""
+        found.items.append((path, caption, caption))
+    if missing:
+        logger.warning("%s: %d image(s) in %s have no %s caption and no class_tokens; training them with an "
+                       "empty caption", subset.key, missing, subset.image_dir, subset.caption_extension)
+    return found
+
+
+def _read_metadata(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}: line {line_no}: {e.msg}; fix the JSON line", path=path) from e
+                if not isinstance(row, dict) or not isinstance(row.get("image_path"), str):
+                    raise DatasetError(f"{path}: line {line_no}: expected an object with image_path", path=path)
+                rows.append((row["image_path"], row))
+        return rows
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: line {e.lineno}, column {e.colno}: {e.msg}; fix the JSON", path=path) from e
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected {{image_key: {{caption, tags, image_size}}}}", path=path)
+    return [(k, v if isinstance(v, dict) else {}) for k, v in data.items()]
+
+
+def _find_image(key: str, image_dir: Path | None) -> Path | None:
+    """sd-scripts' lookup: the key as a path, else under image_dir, else image_dir/key + an image extension."""
+    candidates = [Path(key)]
+    if image_dir is not None:
+        candidates.append(image_dir / key)
+        candidates.extend(image_dir / (key + ext) for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS))
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _finetuning_images(subset: SubsetConfig, problems: list[str], sizes: dict[Path, Size]) -> _Found:
+    assert subset.metadata_file is not None
+    found = _Found()
+    try:
+        rows = _read_metadata(subset.metadata_file)
+    except DatasetError as err:
+        problems.append(str(err))
+        return found
+    sep = subset.caption_separator
+    for key, row in rows:
+        path = _find_image(key, subset.image_dir)
+        if path is None:
+            problems.append(f"{subset.metadata_file}: image {key!r} not found (also tried under image_dir "
+                            f"{str(subset.image_dir)!r}); fix the key or image_dir")
+            continue
+        caption = row.get("caption") or ""
+        tags = row.get("tags") or ""
+        if not isinstance(caption, str) or not isinstance(tags, str):
+            problems.append(f"{subset.metadata_file}: {key}: caption and tags must be strings")
+            continue
+        if tags:
+            lines = caption.split("\n") if subset.enable_wildcard else [caption]
+            caption = "\n".join(f"{c}{sep}{tags}" if c else tags for c in lines)
+        size = row.get("image_size")
+        if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+            sizes[path.resolve()] = (int(size[0]), int(size[1]))
+        found.items.append((path, caption or subset.class_tokens or "", tags))
+    return found
+
+
+def _tag_counts(texts: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for text in texts:
+        for tag in text.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def build_training_data(blueprint: DatasetBlueprint, *, seed: int, skip_bad_images: bool = False) -> TrainingData:
+    """Find every image, read captions and header sizes, split off validation, rebalance and bucket.
+
+    `seed` is the run seed (used for the split when a dataset has no `validation_seed`). Every problem (empty
+    dataset, unreadable image or caption, missing metadata image) is collected and raised as one DatasetError;
+    with `skip_bad_images` unreadable images are left out with a warning instead.
+    """
+    problems: list[str] = []
+    train, validation = [], []
+    skipped = 0
+    for dataset in blueprint.datasets:
+        built, held_out, n_skipped = _build_dataset(dataset, blueprint.prior_loss_weight, seed, skip_bad_images,
+                                                    problems)
+        train.extend([built] if built is not None else [])
+        validation.extend([held_out] if held_out is not None else [])
+        skipped += n_skipped
+    if not train and not problems:
+        problems.append("no dataset has training images; add images or lower validation_split")
+    if problems:
+        source = blueprint.source or "dataset flags"
+        raise DatasetError(f"{source}: {len(problems)} dataset problem(s): " + "; ".join(problems),
+                           path=blueprint.source)
+    return TrainingData(tuple(train), tuple(validation), blueprint.prior_loss_weight, skipped)
+
+
+def _build_dataset(
+    cfg: DatasetConfig, prior_loss_weight: float, seed: int, skip_bad: bool, problems: list[str]
+) -> tuple[BuiltDataset | None, BuiltDataset | None, int]:
+    known_sizes: dict[Path, Size] = {}
+    train_rows: list[tuple[int, Path, str, int]] = []  # (subset, path, caption, repeats)
+    held_out: list[tuple[int, Path, str, int]] = []
+    reg_rows: list[tuple[int, Path, str, int]] = []
+    tag_texts: dict[str, list[str]] = {}
+    split_seed = cfg.validation_seed if cfg.validation_seed is not None else seed
+    for s_index, subset in enumerate(cfg.subsets):
+        if subset.is_dreambooth:
+            try:
+                found = _dreambooth_images(subset, problems)
+            except DatasetError as err:
+                problems.append(str(err))
+                continue
+        else:
+            found = _finetuning_images(subset, problems, known_sizes)
+        if not found.items:
+            logger.warning("%s: no images found; this subset is skipped", subset.key)
+            continue
+        by_path = {p: (c, t) for p, c, t in found.items}
+        tag_texts.setdefault(_subset_name(subset), []).extend(t for _, _, t in found.items)
+        if subset.is_reg:
+            reg_rows.extend((s_index, p, by_path[p][0], subset.num_repeats) for p in sorted(by_path))
+            continue
+        kept, val = split_for_validation(list(by_path), cfg.validation_split, split_seed)
+        train_rows.extend((s_index, p, by_path[p][0], subset.num_repeats) for p in kept)
+        held_out.extend((s_index, p, by_path[p][0], 1) for p in val)
+    if not train_rows and not held_out:
+        problems.append(f"{cfg.key}: no training images found in "
+                        + ", ".join(repr(str(s.image_dir or s.metadata_file)) for s in cfg.subsets)
+                        + "; add images (png, jpg, jpeg, webp, bmp) or remove this dataset")
+        return None, None, 0
+    num_reg_images = sum(r for *_, r in reg_rows)
+    num_train = sum(r for *_, r in train_rows)
+    if reg_rows:
+        if sum(r for *_, r in reg_rows) > num_train:
+            logger.warning("%s: more regularisation samples than training samples; some are not used", cfg.key)
+        balanced = rebalance_reg_repeats([r for *_, r in reg_rows], num_train)
+        reg_rows = [(s, p, c, n) for (s, p, c, _), n in zip(reg_rows, balanced, strict=True) if n > 0]
+    buckets = (make_buckets(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
+               if cfg.enable_bucket and not cfg.bucket_no_upscale else None)
+    skipped = 0
+
+    def entries(rows: list[tuple[int, Path, str, int]], is_reg: bool) -> Iterator[ImageEntry]:
+        nonlocal skipped
+        for s_index, path, caption, repeats in rows:
+            size = known_sizes.get(path.resolve())
+            if size is None:
+                try:
+                    size = image_size(path)
+                except DatasetError as err:
+                    if skip_bad:
+                        logger.warning("skipping image %s", err)
+                        skipped += 1
+                    else:
+                        problems.append(str(err))
+                    continue
+            bucket, resized = assign_bucket(size, resolution=cfg.resolution, enable_bucket=cfg.enable_bucket,
+                                            bucket_no_upscale=cfg.bucket_no_upscale, buckets=buckets,
+                                            step=cfg.bucket_reso_steps)
+            weight = prior_loss_weight if is_reg else 1.0
+            yield ImageEntry(path.resolve(), caption, s_index, is_reg, weight, size, bucket, resized, repeats)
+
+    options = tuple(caption_options(s) for s in cfg.subsets)
+    tags = {name: _tag_counts(texts) for name, texts in tag_texts.items()}
+    train_entries = (*entries(train_rows, False), *entries(reg_rows, True))
+    train = BuiltDataset(cfg, train_entries, options, "train", tags, num_reg_images) if train_rows else None
+    val_entries = tuple(entries(held_out, False))
+    val = BuiltDataset(cfg, val_entries, options, "validation") if val_entries else None
+    if train is not None and all(e.is_reg for e in train.entries):
+        problems.append(f"{cfg.key}: none of its training images could be read; fix or remove them")
+        train = None
+    if cfg.validation_split > 0 and not held_out:
+        logger.warning("%s: validation_split = %g holds out no image (each subset needs 2 or more)",
+                       cfg.key, cfg.validation_split)
+    return train, val, skipped
+
+
+def _dataset_metadata(d: BuiltDataset) -> dict[str, Any]:
+    cfg = d.config
+    img_counts = Counter(e.subset for e in d.entries)
+    subsets = []
+    for s_index, s in enumerate(cfg.subsets):
+        info: dict[str, Any] = {
+            "img_count": img_counts.get(s_index, 0), "num_repeats": s.num_repeats, "color_aug": s.color_aug,
+            "flip_aug": s.flip_aug, "random_crop": s.random_crop, "shuffle_caption": s.shuffle_caption,
+            "keep_tokens": s.keep_tokens, "keep_tokens_separator": s.keep_tokens_separator,
+            "secondary_separator": s.secondary_separator, "enable_wildcard": s.enable_wildcard,
+            "caption_prefix": s.caption_prefix, "caption_suffix": s.caption_suffix,
+            "resize_interpolation": s.resize_interpolation,
+        }
+        if s.is_dreambooth:
+            info.update(image_dir=_subset_name(s), class_tokens=s.class_tokens, is_reg=s.is_reg)
+        else:
+            info.update(metadata_file=_subset_name(s))
+        subsets.append(info)
+    items = d.bucket_items()
+    errors = [abs(e.bucket[0] / e.bucket[1] - e.size[0] / e.size[1]) for e in d.entries]
+    return {
+        "is_dreambooth": cfg.is_dreambooth,
+        "batch_size_per_device": cfg.batch_size,
+        "num_train_images": sum(e.num_repeats for e in d.entries if not e.is_reg),
+        "num_reg_images": sum(e.num_repeats for e in d.entries if e.is_reg),
+        "resolution": list(cfg.resolution),
+        "enable_bucket": cfg.enable_bucket,
+        "min_bucket_reso": cfg.min_bucket_reso,
+        "max_bucket_reso": cfg.max_bucket_reso,
+        "tag_frequency": d.tag_frequency,
+        "bucket_info": {
+            "buckets": {i: {"resolution": list(b), "count": len(v)} for i, (b, v) in enumerate(items.items())},
+            "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0,
+        },
+        "resize_interpolation": cfg.resize_interpolation,
+        "subsets": subsets,
+    }
