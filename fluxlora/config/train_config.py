@@ -1,0 +1,366 @@
+"""The training settings as one typed, frozen object, parsed and validated once (`parse_train_config`).
+
+Field names equal sd-scripts' flag names (so `grep` finds them); they are grouped by the stage that reads them.
+Derived values are computed here once: resolution as (W, H), caption extension with its dot, `cache_latents`
+implied by `--cache_latents_to_disk`, `fp8_base` implied by `--fp8_base_unet`, `--split_mode` as
+blocks_to_swap 18, the optimizer name from the old `--use_8bit_adam` / `--use_lion_optimizer` aliases.
+Nothing downstream reads an argparse Namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fluxlora.config.args import build_parser, parse_given
+from fluxlora.config.config_file import load_config_file
+from fluxlora.config.defaults import describe_differences, effective_defaults
+from fluxlora.config.unsupported import check_unsupported
+from fluxlora.config.validate import check_caching_conflicts, derive, validate
+from fluxlora.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "parse_train_config", "check_caching_conflicts", "describe_differences",
+           "dataset_defaults_kwargs"]
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    pretrained_model_name_or_path: Path
+    clip_l: Path
+    t5xxl: Path
+    ae: Path
+    tokenizer_cache_dir: Path | None
+    disable_mmap_load_safetensors: bool
+
+
+@dataclass(frozen=True)
+class DatasetFlags:
+    """CLI-level dataset values (the dataset TOML wins); field names match `fluxlora.config.dataset.DatasetDefaults`."""
+
+    dataset_config: Path | None
+    train_data_dir: Path | None
+    reg_data_dir: Path | None
+    in_json: Path | None
+    dataset_repeats: int
+    resolution: tuple[int, int] | None  # (W, H)
+    train_batch_size: int
+    enable_bucket: bool
+    min_bucket_reso: int
+    max_bucket_reso: int
+    bucket_reso_steps: int
+    bucket_no_upscale: bool
+    resize_interpolation: str | None
+    caption_extension: str  # with its leading dot
+    shuffle_caption: bool
+    caption_separator: str
+    keep_tokens: int
+    keep_tokens_separator: str
+    secondary_separator: str | None
+    enable_wildcard: bool
+    caption_prefix: str | None
+    caption_suffix: str | None
+    caption_dropout_rate: float
+    caption_dropout_every_n_epochs: int
+    caption_tag_dropout_rate: float
+    token_warmup_min: int
+    token_warmup_step: float
+    color_aug: bool
+    flip_aug: bool
+    random_crop: bool
+    face_crop_aug_range: tuple[float, float] | None
+    alpha_mask: bool
+    masked_loss: bool
+    cache_info: bool
+    prior_loss_weight: float
+    validation_split: float
+    validation_seed: int | None
+    max_data_loader_n_workers: int
+    persistent_data_loader_workers: bool
+    skip_bad_images: bool
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    network_module: str
+    network_dim: int  # sd-scripts' None is resolved to 4
+    network_alpha: float  # 0 is resolved to network_dim (sd-scripts' rule); never 0
+    network_dropout: float | None
+    network_args: tuple[str, ...]  # "k=v" strings, parsed by the LoRA network
+    network_weights: Path | None
+    dim_from_weights: bool
+    network_train_unet_only: bool
+    network_train_text_encoder_only: bool
+    unet_lr: float | None
+    text_encoder_lr: tuple[float, ...]  # () = --learning_rate for both
+    base_weights: tuple[Path, ...]
+    base_weights_multiplier: tuple[float, ...]  # one per base weight (1.0 when not given)
+    scale_weight_norms: float | None
+    training_comment: str | None
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    optimizer_type: str  # "AdamW" when none given; aliases resolved
+    optimizer_args: tuple[str, ...]  # "k=v" strings, parsed by the optimizer builder
+    learning_rate: float
+    max_grad_norm: float
+    lr_scheduler: str
+    lr_warmup_steps: int | float  # float < 1 = fraction of the steps
+    lr_decay_steps: int | float
+    lr_scheduler_num_cycles: int
+    lr_scheduler_power: float
+    lr_scheduler_timescale: int | None
+    lr_scheduler_min_lr_ratio: float | None
+    lr_scheduler_type: str
+    lr_scheduler_args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    max_train_steps: int
+    max_train_epochs: int | None
+    gradient_accumulation_steps: int
+    seed: int | None
+    max_nan_steps: int
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class PrecisionSettings:
+    mixed_precision: str
+    full_bf16: bool
+    full_fp16: bool
+    fp8_base: bool  # also True with fp8_base_unet / fp8_scaled
+    fp8_base_unet: bool
+    fp8_scaled: bool
+    save_precision: str | None
+    no_half_vae: bool
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    gradient_checkpointing: bool
+    cpu_offload_checkpointing: bool
+    blocks_to_swap: int | str  # 0 = none; "auto" = chosen from the free GPU memory
+    lowram: bool
+    highvram: bool
+    torch_compile: bool
+    dynamo_backend: str
+    dynamo_mode: str | None
+    dynamo_fullgraph: bool
+    dynamo_dynamic: bool
+    ddp_timeout: int | None
+    ddp_gradient_as_bucket_view: bool
+    ddp_static_graph: bool
+
+
+@dataclass(frozen=True)
+class CachingSettings:
+    cache_latents: bool  # also True with cache_latents_to_disk
+    cache_latents_to_disk: bool
+    vae_batch_size: int
+    skip_cache_check: bool
+    cache_text_encoder_outputs: bool  # also True with cache_text_encoder_outputs_to_disk
+    cache_text_encoder_outputs_to_disk: bool
+    text_encoder_batch_size: int | None
+    cache_dir: Path | None
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    t5xxl_max_token_length: int | None  # None = 512 for dev, 256 for schnell (known once the model is read)
+    apply_t5_attn_mask: bool
+    guidance_scale: float
+    timestep_sampling: str
+    sigmoid_scale: float
+    discrete_flow_shift: float
+    model_prediction_type: str
+    weighting_scheme: str
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
+    ip_noise_gamma: float | None
+    ip_noise_gamma_random_strength: bool
+    loss_type: str
+    huber_schedule: str
+    huber_c: float
+    huber_scale: float
+
+
+@dataclass(frozen=True)
+class SavingSettings:
+    output_dir: Path
+    output_name: str | None
+    save_model_as: str
+    save_every_n_epochs: int | None
+    save_every_n_steps: int | None
+    save_n_epoch_ratio: int | None
+    save_last_n_epochs: int | None
+    save_last_n_epochs_state: int | None
+    save_last_n_steps: int | None
+    save_last_n_steps_state: int | None
+    save_state: bool
+    save_state_on_train_end: bool
+    resume: Path | None
+    resume_force: bool
+    initial_epoch: int | None
+    initial_step: int | None
+    skip_until_initial_step: bool
+    overwrite: bool
+    no_metadata: bool
+    metadata_title: str | None
+    metadata_author: str | None
+    metadata_description: str | None
+    metadata_license: str | None
+    metadata_tags: str | None
+    metadata_usage_hint: str | None
+    metadata_thumbnail: str | None
+    metadata_merged_from: str | None
+    metadata_trigger_phrase: str | None
+    metadata_preprocessor: str | None
+    metadata_is_negative_embedding: str | None
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    sample_prompts: Path | None
+    sample_every_n_steps: int | None  # <= 0 is resolved to None (disabled), as in sd-scripts
+    sample_every_n_epochs: int | None
+    sample_at_first: bool
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """When to validate; the split itself is `dataset_flags.validation_split` / `validation_seed`."""
+
+    validate_every_n_steps: int | None
+    validate_every_n_epochs: int | None
+    max_validation_steps: int | None
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    logging_dir: Path | None
+    log_with: str | None
+    log_prefix: str | None
+    log_tracker_name: str | None
+    log_tracker_config: Path | None
+    wandb_run_name: str | None
+    wandb_api_key: str | None
+    log_config: bool
+    console_log_level: str | None
+    console_log_file: Path | None
+    console_log_simple: bool
+
+
+_GROUPS: dict[str, type] = {
+    "model": ModelFiles, "dataset_flags": DatasetFlags, "network": NetworkSettings, "optim": OptimizerSettings,
+    "training": TrainingSettings, "precision": PrecisionSettings, "memory": MemorySettings,
+    "caching": CachingSettings, "flow": FlowSettings, "saving": SavingSettings, "sampling": SamplingSettings,
+    "validation": ValidationSettings, "logging": LoggingSettings,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting, validated. `explicit` names the flags the user gave (command line or config file)."""
+
+    model: ModelFiles
+    dataset_flags: DatasetFlags
+    network: NetworkSettings
+    optim: OptimizerSettings
+    training: TrainingSettings
+    precision: PrecisionSettings
+    memory: MemorySettings
+    caching: CachingSettings
+    flow: FlowSettings
+    saving: SavingSettings
+    sampling: SamplingSettings
+    validation: ValidationSettings
+    logging: LoggingSettings
+    explicit: frozenset[str]
+    sd_scripts_defaults: bool
+    ignore_unsupported: bool
+    config_file: Path | None
+    notes: tuple[str, ...]  # warnings and notes found while validating (already logged)
+
+    def flat(self) -> dict[str, Any]:
+        """{flag name: value} over every group (for metadata, --log_config and tests)."""
+        out: dict[str, Any] = {}
+        for name in _GROUPS:
+            out.update({f.name: getattr(getattr(self, name), f.name) for f in dataclasses.fields(getattr(self, name))})
+        return out
+
+
+def dataset_defaults_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments for `fluxlora.config.dataset.DatasetDefaults`: the CLI-level dataset values."""
+    values = dataclasses.asdict(cfg.dataset_flags)
+    for name in ("dataset_config", "max_data_loader_n_workers", "persistent_data_loader_workers", "masked_loss",
+                 "skip_bad_images"):
+        values.pop(name)
+    return values
+
+
+def _build(values: dict[str, Any], **top: Any) -> TrainConfig:
+    groups = {name: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) for name, cls in _GROUPS.items()}
+    return TrainConfig(**groups, **top)
+
+
+def parse_train_config(argv: Sequence[str]) -> TrainConfig:
+    """Parse the training command line (merged with --config_file) into a validated, frozen TrainConfig.
+
+    Every problem found is reported together in one ConfigError; warnings and notes are logged once and kept in
+    `cfg.notes`. `--output_config` is handled before this by `config_file.maybe_write_output_config`.
+    """
+    parser = build_parser()
+    given = parse_given(argv, parser)
+    if given.get("output_config"):
+        raise ConfigError("--output_config writes a file and exits; call maybe_write_output_config(argv) first",
+                          key="--output_config")
+    if "config_file" in given:
+        from_file = load_config_file(given["config_file"], parser)
+        given = {**from_file, **given}  # the command line wins
+    errors, warnings, notes = check_unsupported(given, parser.sd_defaults,
+                                                ignore=bool(given.get("ignore_unsupported")))
+    defaults = effective_defaults(parser.sd_defaults, sd_scripts_defaults=bool(given.get("sd_scripts_defaults")))
+    values = {**defaults, **given}
+    derived, derive_errors, derive_notes = derive(values, given)
+    problems, more_warnings, more_notes = validate(derived, given)
+    errors += derive_errors + problems
+    warnings += more_warnings
+    notes += derive_notes + more_notes
+    if errors:
+        raise ConfigError(_join(errors), key=_first_flag(errors))
+    for message in warnings:
+        logger.warning(message)
+    for message in notes:
+        logger.info(message)
+    return _build(
+        derived,
+        explicit=frozenset(given),
+        sd_scripts_defaults=bool(values["sd_scripts_defaults"]),
+        ignore_unsupported=bool(values["ignore_unsupported"]),
+        config_file=Path(given["config_file"]) if "config_file" in given else None,
+        notes=tuple(warnings + notes),
+    )
+
+
+def _join(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems with the training flags: " + "; ".join(
+        f"({i}) {p}" for i, p in enumerate(problems, 1)
+    )
+
+
+def _first_flag(problems: list[str]) -> str | None:
+    for word in problems[0].replace(",", " ").split():
+        if word.startswith("--"):
+            return word.rstrip(":;.")
+    return None
