@@ -218,9 +218,9 @@ def caching_blockers(opts: CaptionOptions, raw: str | None = None) -> list[str]:
     if opts.token_warmup_step > 0:
         blockers.append("token_warmup_step")
     if opts.enable_wildcard:
-        text = (opts.caption_prefix or "") + (raw if raw is not None else "{") + (opts.caption_suffix or "")
+        text = (opts.caption_prefix or "") + (raw or "") + (opts.caption_suffix or "")
         without_literals = text.replace("{{", "").replace("}}", "")
-        if "\n" in text or _WILDCARD.search(without_literals):
+        if raw is None or "\n" in text or _WILDCARD.search(without_literals):
             blockers.append("enable_wildcard")
     return blockers
 
