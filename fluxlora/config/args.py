@@ -13,6 +13,7 @@ import difflib
 from collections.abc import Sequence
 from typing import Any
 
+from fluxlora.config.defaults import FLUXLORA_DEFAULTS
 from fluxlora.errors import ConfigError
 
 # Our own flags (not in sd-scripts) and their defaults; sd-scripts has no such flags, so "sd-scripts' default" for
@@ -371,6 +372,10 @@ def build_parser(prog: str = "flux_train_network.py") -> FluxArgumentParser:
                       _caching_args, _flux_args, _saving_args, _sampling_validation_logging_args,
                       _config_and_fluxlora_args):
         add_group(parser)
+    for action in parser._actions:  # --help states fluxlora's default where it differs from sd-scripts'
+        if action.dest in FLUXLORA_DEFAULTS:
+            ours, theirs = FLUXLORA_DEFAULTS[action.dest].value, parser.sd_defaults[action.dest]
+            action.help = f"{(action.help or '').split(' (sd-scripts default')[0]} (default: {ours}; sd-scripts: {theirs})"
     return parser
 
 

@@ -136,3 +136,10 @@ def test_abbreviations_are_not_silently_expanded():
 def test_stray_value_is_reported():
     with pytest.raises(ConfigError, match="unexpected value 'oops'"):
         parse_given(["--sdpa", "oops"])
+
+
+def test_help_shows_our_default_next_to_sd_scripts_default(capsys):
+    text = " ".join(build_parser().format_help().split())  # undo line wrapping
+    assert "(default: 1.0; sd-scripts: 3.5)" in text  # --guidance_scale
+    assert "(default: raw; sd-scripts: sigma_scaled)" in text
+    assert "(sd-scripts default: 2e-06)" in text  # --learning_rate: unchanged
