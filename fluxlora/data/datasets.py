@@ -18,13 +18,17 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fluxlora.config.dataset import DatasetBlueprint, DatasetConfig, SubsetConfig
 from fluxlora.data.buckets import assign_bucket, make_buckets
-from fluxlora.data.captions import CaptionOptions, caching_blockers, read_caption
+from fluxlora.data.captions import CaptionOptions, caching_blockers, read_caption, static_caption
 from fluxlora.data.images import IMAGE_EXTENSIONS, image_size, list_images
 from fluxlora.errors import DatasetError
+
+if TYPE_CHECKING:
+    from fluxlora.data.latent_cache import LatentItem
+    from fluxlora.data.text_cache import TextItem
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +52,13 @@ class ImageEntry:
 
     @property
     def key(self) -> str:
-        """Identity of the image for caches and logs: its absolute path."""
+        """Identity of the image for logs and batches: its absolute path."""
         return str(self.path)
+
+    @property
+    def latent_key(self) -> tuple[str, Size]:
+        """Lookup key in the latent cache (`LatentItem.key`): (path, bucket)."""
+        return str(self.path), (int(self.bucket[0]), int(self.bucket[1]))
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,33 @@ class TrainingData:
                                "cannot be cached; turn it off or drop --cache_text_encoder_outputs"
                                for name in caching_blockers(opts))
         return out
+
+    def latent_items(self) -> list[LatentItem]:
+        """One latent-cache item per distinct (image, bucket) of training and validation, in a stable order."""
+        from fluxlora.data.latent_cache import LatentItem
+
+        items: dict[tuple[str, Size], LatentItem] = {}
+        for dataset in (*self.datasets, *self.validation):
+            for entry in dataset.entries:
+                subset = dataset.config.subsets[entry.subset]
+                items.setdefault(entry.latent_key, LatentItem(
+                    path=entry.path, bucket=entry.bucket, resized_size=entry.resized_size,
+                    interpolation=subset.resize_interpolation, alpha_mask=subset.alpha_mask,
+                    root=subset.image_dir or (subset.metadata_file.parent if subset.metadata_file else None)))
+        return list(items.values())
+
+    def text_items(self) -> list[TextItem]:
+        """One text-cache item per (image, processed caption); raises DatasetError when captions are not static."""
+        from fluxlora.data.text_cache import TextItem
+
+        items: dict[tuple[str, str], TextItem] = {}
+        for dataset in (*self.datasets, *self.validation):
+            for entry in dataset.entries:
+                subset = dataset.config.subsets[entry.subset]
+                caption = static_caption(entry.caption, dataset.caption_options[entry.subset])
+                items.setdefault((entry.key, caption), TextItem(path=entry.path, caption=caption,
+                                                                 root=subset.image_dir))
+        return list(items.values())
 
     def metadata(self) -> list[dict[str, Any]]:
         """`ss_datasets` entries (spec §6.3), one per training dataset."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,11 +26,17 @@ from fluxlora.data.images import load_image
 
 
 class LatentSource(Protocol):
-    def get(self, key: str, flipped: bool) -> torch.Tensor: ...
+    """`fluxlora.data.latent_cache.LatentCache`: keyed by (image path, bucket), as `ImageEntry.latent_key`."""
+
+    def get(self, item_key: Hashable, flipped: bool = False) -> torch.Tensor: ...
+
+    def get_alpha_mask(self, item_key: Hashable, flipped: bool = False) -> torch.Tensor | None: ...
 
 
 class TextSource(Protocol):
-    def get(self, key: str) -> dict[str, torch.Tensor]: ...
+    """`fluxlora.data.text_cache.TextCache`: keyed by the processed (static) caption."""
+
+    def get(self, caption: str) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -127,10 +133,11 @@ class BatchDataset(Dataset):
             "dop": subset.diff_output_preservation, "alpha_mask": None,
         }
         if self.latent_cache is not None:
-            out["latents"] = self.latent_cache.get(entry.key, flipped)
+            out["latents"] = self.latent_cache.get(entry.latent_key, flipped)
             if subset.alpha_mask:
-                out["alpha_mask"] = _mask_only(entry.path, entry.bucket, entry.resized_size, entry.size,
-                                               subset.resize_interpolation, flipped)
+                mask = self.latent_cache.get_alpha_mask(entry.latent_key, flipped)
+                out["alpha_mask"] = mask if mask is not None else _mask_only(
+                    entry.path, entry.bucket, entry.resized_size, entry.size, subset.resize_interpolation, flipped)
         else:
             img = load_image(entry.path, keep_alpha=subset.alpha_mask)
             # A header size that disagrees with the pixels (stale metadata image_size) must not distort.
@@ -143,7 +150,7 @@ class BatchDataset(Dataset):
             out["image"] = prepared.pixels
             out["alpha_mask"] = prepared.alpha_mask
         if self.text_cache is not None:
-            out["text"] = self.text_cache.get(entry.key)
+            out["text"] = self.text_cache.get(caption)
         return out
 
 

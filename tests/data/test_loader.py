@@ -153,17 +153,22 @@ def test_step_clock() -> None:
 
 
 class FakeLatents:
-    """Stand-in for LatentCache: a tensor that encodes the key and the flip."""
+    """Stand-in for LatentCache (keyed by (path, bucket)): a tensor that encodes the path and the flip."""
 
-    def get(self, key: str, flipped: bool) -> torch.Tensor:
-        return torch.full((16, 8, 8), float(zlib.crc32(key.encode()) % 1000) + (0.5 if flipped else 0.0))
+    def get(self, key: tuple[str, tuple[int, int]], flipped: bool = False) -> torch.Tensor:
+        path, bucket = key
+        assert len(bucket) == 2
+        return torch.full((16, 8, 8), float(zlib.crc32(path.encode()) % 1000) + (0.5 if flipped else 0.0))
+
+    def get_alpha_mask(self, key: tuple[str, tuple[int, int]], flipped: bool = False) -> None:
+        return None
 
 
 class FakeText:
-    """Stand-in for TextCache: T5 lengths differ per image so the batch must pad."""
+    """Stand-in for TextCache (keyed by caption): T5 lengths differ per caption so the batch must pad."""
 
-    def get(self, key: str) -> dict[str, torch.Tensor]:
-        length = 3 + zlib.crc32(key.encode()) % 5
+    def get(self, caption: str) -> dict[str, torch.Tensor]:
+        length = 3 + zlib.crc32(caption.encode()) % 5
         return {"clip_pooled": torch.ones(768), "t5_out": torch.ones(length, 4096), "t5_mask": torch.ones(length)}
 
 
@@ -179,7 +184,7 @@ def test_cached_latents_and_text(tmp_path: Path, flip: bool) -> None:
             base = float(zlib.crc32(path.encode()) % 1000)
             flips.append(batch["latents"][k, 0, 0, 0].item() - base)
         text = batch["text"]
-        lengths = [3 + zlib.crc32(p.encode()) % 5 for p in batch["image_paths"]]
+        lengths = [3 + zlib.crc32(c.encode()) % 5 for c in batch["captions"]]
         longest = max(lengths)
         assert text["t5_out"].shape == (len(lengths), longest, 4096) and text["clip_pooled"].shape == (len(lengths), 768)
         for k, n in enumerate(lengths):
@@ -204,3 +209,36 @@ def test_validation_loader(tmp_path: Path) -> None:
     assert_same_batches(first, again)  # the same held-out batches every time
     train_paths = {p for b in make_dataloader(data, 1, seed=0) for p in b["image_paths"]}
     assert train_paths.isdisjoint(p for b in first for p in b["image_paths"])
+
+
+def _fake_encode(pixels: torch.Tensor) -> torch.Tensor:
+    """A deterministic 'autoencoder': 8x8 average pool, channels tiled to 16 (16 = 3*5 + 1)."""
+    pooled = torch.nn.functional.avg_pool2d(pixels, 8)
+    return torch.cat([pooled.repeat(1, 5, 1, 1), pooled[:, :1]], dim=1)
+
+
+def test_real_caches_match_the_uncached_path(tmp_path: Path) -> None:
+    from fluxlora.data.latent_cache import build_latent_cache
+    from fluxlora.data.text_cache import build_text_cache
+
+    data = small_data(tmp_path, general='flip_aug = true\ncaption_prefix = "a photo of"', n=6, bs=2,
+                      captions=["x", "y, z", "x", "w", "v", "u"])
+    latents, _ = build_latent_cache(data.latent_items(), _fake_encode, ae_fingerprint="fake", flip_aug=True,
+                                    progress=False)
+
+    def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
+        lengths = torch.tensor([len(c) for c in captions], dtype=torch.float32)
+        return {"clip_pooled": lengths[:, None].expand(-1, 4).clone(), "t5_out": torch.zeros(len(captions), 8, 2),
+                "t5_mask": torch.ones(len(captions), 8)}
+
+    items = data.text_items()
+    assert {i.caption for i in items} == {"a photo of " + c for c in ("x", "y, z", "w", "v", "u")}
+    text, _ = build_text_cache(items, encode_text, te_fingerprint="fake", t5_max_length=8,
+                               apply_t5_attn_mask=False, progress=False)
+    uncached = collect(make_dataloader(data, 1, seed=9))
+    cached = collect(make_dataloader(data, 1, seed=9, latent_cache=latents, text_cache=text))
+    for u, c in zip(uncached, cached, strict=True):
+        assert u["image_paths"] == c["image_paths"] and u["captions"] == c["captions"]
+        # same flip decision and crop: the cached latent is the encoding of the uncached pixels
+        assert torch.allclose(c["latents"], _fake_encode(u["images"]), atol=1e-5)
+        assert c["text"]["clip_pooled"][:, 0].tolist() == [float(len(cap)) for cap in c["captions"]]
