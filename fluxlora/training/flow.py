@@ -65,7 +65,9 @@ FLUX_BASE_SHIFT, FLUX_MAX_SHIFT = 0.5, 1.15
 def pack_latents(x: Tensor) -> Tensor:
     """2×2-patchify latents ``[B, C, h, w]`` into tokens ``[B, (h/2)(w/2), C·4]`` (row-major, feature c·4+py·2+px)."""
     if x.ndim != 4 or x.shape[2] % 2 or x.shape[3] % 2:
-        raise ValueError(f"pack_latents needs [B, C, h, w] latents with even h and w, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"pack_latents needs [B, C, h, w] latents with even h and w, got shape {tuple(x.shape)}"
+        )
     return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
 
 
@@ -83,7 +85,12 @@ def unpack_latents(x: Tensor, height: int, width: int) -> Tensor:
 
 
 def image_ids(
-    batch: int, h2: int, w2: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    batch: int,
+    h2: int,
+    w2: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Position ids ``[B, h2·w2, 3]`` of the packed image tokens: ``(0, row, col)`` in row-major order."""
     rows = torch.arange(h2, device=device, dtype=dtype)
@@ -218,7 +225,10 @@ def sample_sigmas(
 
 
 def sample_noise(
-    shape: tuple[int, ...] | torch.Size, *, generator: torch.Generator, device: torch.device | str | None = None
+    shape: tuple[int, ...] | torch.Size,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """Standard normal noise ε in float32, drawn on the generator's device and moved to ``device``."""
     noise = torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=torch.float32)
@@ -297,7 +307,9 @@ def huber_c(schedule: str, huber_c: float, huber_scale: float, sigmas: Tensor) -
         return torch.full_like(s, huber_c * huber_scale)
     if schedule == "exponential":
         if huber_c <= 0:
-            raise ConfigError(f"--huber_c must be > 0 for --huber_schedule exponential, got {huber_c}", key="--huber_c")
+            raise ConfigError(
+                f"--huber_c must be > 0 for --huber_schedule exponential, got {huber_c}", key="--huber_c"
+            )
         return huber_scale * torch.exp(math.log(huber_c) * s)
     if schedule == "snr":
         raise ConfigError(
@@ -306,11 +318,14 @@ def huber_c(schedule: str, huber_c: float, huber_scale: float, sigmas: Tensor) -
             key="--huber_schedule",
         )
     raise ConfigError(
-        f"--huber_schedule {schedule!r} is not one of constant, exponential; pick one of them", key="--huber_schedule"
+        f"--huber_schedule {schedule!r} is not one of constant, exponential; pick one of them",
+        key="--huber_schedule",
     )
 
 
-def elementwise_loss(kind: str, pred: Tensor, target: Tensor, huber_c_per_sample: Tensor | None = None) -> Tensor:
+def elementwise_loss(
+    kind: str, pred: Tensor, target: Tensor, huber_c_per_sample: Tensor | None = None
+) -> Tensor:
     """Element-wise float32 loss (spec §4.6): l2 (p−y)², l1 |p−y|, huber 2c(√((p−y)²+c²) − c),
     smooth_l1 2(√((p−y)²+c²) − c), with c per sample (``[B]``, from :func:`huber_c`)."""
     diff = pred.float() - target.float()
@@ -324,7 +339,9 @@ def elementwise_loss(kind: str, pred: Tensor, target: Tensor, huber_c_per_sample
         c = _per_sample(huber_c_per_sample, diff)
         core = torch.sqrt(diff**2 + c**2) - c
         return 2.0 * c * core if kind == "huber" else 2.0 * core
-    raise ConfigError(f"--loss_type {kind!r} is not one of {', '.join(LOSS_TYPES)}; pick one of them", key="--loss_type")
+    raise ConfigError(
+        f"--loss_type {kind!r} is not one of {', '.join(LOSS_TYPES)}; pick one of them", key="--loss_type"
+    )
 
 
 def latent_mask(mask: Tensor, h: int, w: int) -> Tensor:
@@ -334,7 +351,9 @@ def latent_mask(mask: Tensor, h: int, w: int) -> Tensor:
     return F.interpolate(mask.float(), size=(h, w), mode="area")
 
 
-def per_sample_loss(elementwise: Tensor, *, mask: Tensor | None = None, normalize_mask: bool = True) -> Tensor:
+def per_sample_loss(
+    elementwise: Tensor, *, mask: Tensor | None = None, normalize_mask: bool = True
+) -> Tensor:
     """Mean of an element-wise loss ``[B, C, h, w]`` over all but the batch dimension → ``[B]`` (float32).
 
     With a latent-size mask ``[B, 1, h, w]`` the mean is taken over the masked area, ``Σ l·m / Σ m`` per sample

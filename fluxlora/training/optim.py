@@ -76,7 +76,11 @@ _DISPLAY_NAMES = (
     "SGDScheduleFree, a torch.optim class name, or a class path such as pytorch_optimizer.CAME"
 )
 # Top-level modules whose pip package name differs from the module name.
-_PIP_NAMES = {"lion_pytorch": "lion-pytorch", "pytorch_optimizer": "pytorch-optimizer", "prodigyopt": "prodigyopt"}
+_PIP_NAMES = {
+    "lion_pytorch": "lion-pytorch",
+    "pytorch_optimizer": "pytorch-optimizer",
+    "prodigyopt": "prodigyopt",
+}
 
 
 # --------------------------------------------------------------------------------------------- names/args
@@ -112,7 +116,8 @@ def parse_kv_args(items: list[str] | None, flag: str) -> dict[str, object]:
         key = key.strip()
         if not sep or not key.isidentifier():
             raise ConfigError(
-                f"{flag}: {item!r} is not of the form key=value (e.g. weight_decay=0.01 or betas=0.9,0.99)", key=flag
+                f"{flag}: {item!r} is not of the form key=value (e.g. weight_decay=0.01 or betas=0.9,0.99)",
+                key=flag,
             )
         if key in parsed:
             raise ConfigError(f"{flag}: {key} is given twice; keep one value", key=flag)
@@ -137,7 +142,9 @@ def _import_class(module_name: str, attr: str, pip: str | None, what: str) -> ty
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        package = pip or _PIP_NAMES.get(module_name.split(".")[0], module_name.split(".")[0].replace("_", "-"))
+        package = pip or _PIP_NAMES.get(
+            module_name.split(".")[0], module_name.split(".")[0].replace("_", "-")
+        )
         raise ConfigError(
             f"{what} needs the Python package {package!r}, which is not installed; run `pip install {package}`",
             key="--optimizer_type",
@@ -145,7 +152,8 @@ def _import_class(module_name: str, attr: str, pip: str | None, what: str) -> ty
     cls = getattr(module, attr, None)
     if not isinstance(cls, type):
         raise ConfigError(
-            f"{what}: {module_name} has no class {attr}; valid names: {_DISPLAY_NAMES}", key="--optimizer_type"
+            f"{what}: {module_name} has no class {attr}; valid names: {_DISPLAY_NAMES}",
+            key="--optimizer_type",
         )
     return cls
 
@@ -162,7 +170,8 @@ def _optimizer_class(optimizer_type: str) -> tuple[str, type]:
     cls = getattr(torch.optim, optimizer_type, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ConfigError(
-            f"--optimizer_type {optimizer_type!r} is unknown; valid names: {_DISPLAY_NAMES}", key="--optimizer_type"
+            f"--optimizer_type {optimizer_type!r} is unknown; valid names: {_DISPLAY_NAMES}",
+            key="--optimizer_type",
         )
     return "", cls
 
@@ -188,7 +197,9 @@ def _prepare_kwargs(
         if first <= 0.1:
             logger.warning("learning rate %s is low for D-Adaptation/Prodigy, which expect about 1.0", first)
         if count > 1:
-            logger.warning("D-Adaptation/Prodigy honour only the first parameter group's learning rate (%s)", first)
+            logger.warning(
+                "D-Adaptation/Prodigy honour only the first parameter group's learning rate (%s)", first
+            )
     elif key == "adafactor":
         kwargs.setdefault("relative_step", True)  # sd-scripts' default, unlike transformers'
         if not kwargs["relative_step"] and kwargs.get("warmup_init", False):

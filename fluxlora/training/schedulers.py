@@ -73,14 +73,17 @@ def _no_warmup(name: str, num_warmup_steps: int) -> None:
         )
 
 
-def _custom_scheduler(scheduler_type: str, optimizer: Optimizer, scheduler_args: dict[str, object]) -> LRScheduler:
+def _custom_scheduler(
+    scheduler_type: str, optimizer: Optimizer, scheduler_args: dict[str, object]
+) -> LRScheduler:
     if "." in scheduler_type:
         module_name, _, attr = scheduler_type.rpartition(".")
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             raise ConfigError(
-                f"--lr_scheduler_type {scheduler_type}: module {module_name} is not installed", key="--lr_scheduler_type"
+                f"--lr_scheduler_type {scheduler_type}: module {module_name} is not installed",
+                key="--lr_scheduler_type",
             ) from exc
     else:
         module, attr = torch.optim.lr_scheduler, scheduler_type
@@ -156,10 +159,14 @@ def build_scheduler(
         )
     if forced == "adafactor" or name == "adafactor" or name.startswith("adafactor:"):
         if type(optimizer).__name__ != "Adafactor":
-            raise ConfigError("--lr_scheduler adafactor needs --optimizer_type Adafactor", key="--lr_scheduler")
+            raise ConfigError(
+                "--lr_scheduler adafactor needs --optimizer_type Adafactor", key="--lr_scheduler"
+            )
         _no_warmup("adafactor", warmup)
         if name != "adafactor" and not name.startswith("adafactor:"):
-            logger.info("Adafactor with relative_step=True: using the adafactor scheduler instead of %s", name)
+            logger.info(
+                "Adafactor with relative_step=True: using the adafactor scheduler instead of %s", name
+            )
         if name.startswith("adafactor:"):
             initial_lr = float(name.split(":", 1)[1])
         return tfo.AdafactorSchedule(optimizer, initial_lr)
@@ -183,12 +190,15 @@ def build_scheduler(
     if name == "constant_with_warmup":
         return _call(tfo.get_constant_schedule_with_warmup, optimizer, {**common, **kwargs}, name)
     if name == "inverse_sqrt":
-        return _call(tfo.get_inverse_sqrt_schedule, optimizer, {**common, "timescale": timescale, **kwargs}, name)
+        return _call(
+            tfo.get_inverse_sqrt_schedule, optimizer, {**common, "timescale": timescale, **kwargs}, name
+        )
 
     common["num_training_steps"] = num_training_steps
     if warmup > num_training_steps:
         raise ConfigError(
-            f"--lr_warmup_steps {warmup} exceeds the {num_training_steps} training steps", key="--lr_warmup_steps"
+            f"--lr_warmup_steps {warmup} exceeds the {num_training_steps} training steps",
+            key="--lr_warmup_steps",
         )
     if name in ("linear", "cosine"):
         fn = tfo.get_linear_schedule_with_warmup if name == "linear" else tfo.get_cosine_schedule_with_warmup

@@ -52,7 +52,9 @@ def test_pack_matches_hand_loop_and_round_trips():
                 for col in range(w // 2):
                     for py in range(2):
                         for px in range(2):
-                            expected[bi, r * (w // 2) + col, ci * 4 + py * 2 + px] = x[bi, ci, 2 * r + py, 2 * col + px]
+                            expected[bi, r * (w // 2) + col, ci * 4 + py * 2 + px] = x[
+                                bi, ci, 2 * r + py, 2 * col + px
+                            ]
     assert torch.equal(packed, expected)
     assert torch.equal(flow.unpack_latents(packed, h, w), x)
 
@@ -115,9 +117,21 @@ def test_discrete_table_matches_diffusers_scheduler():
         ("uniform", {}, lambda x: np.clip(x, 0, 1)),
         ("sigmoid", {"sigmoid_scale": 1.0}, _shifted_sigmoid_normal_cdf(1.0, 1.0)),
         ("sigmoid", {"sigmoid_scale": 2.5}, _shifted_sigmoid_normal_cdf(1.0, 2.5)),
-        ("shift", {"discrete_flow_shift": 3.1582, "sigmoid_scale": 1.0}, _shifted_sigmoid_normal_cdf(3.1582, 1.0)),
-        ("flux_shift", {"seq_len": 256, "sigmoid_scale": 1.0}, _shifted_sigmoid_normal_cdf(math.exp(0.5), 1.0)),
-        ("flux_shift", {"seq_len": 4096, "sigmoid_scale": 1.0}, _shifted_sigmoid_normal_cdf(math.exp(1.15), 1.0)),
+        (
+            "shift",
+            {"discrete_flow_shift": 3.1582, "sigmoid_scale": 1.0},
+            _shifted_sigmoid_normal_cdf(3.1582, 1.0),
+        ),
+        (
+            "flux_shift",
+            {"seq_len": 256, "sigmoid_scale": 1.0},
+            _shifted_sigmoid_normal_cdf(math.exp(0.5), 1.0),
+        ),
+        (
+            "flux_shift",
+            {"seq_len": 4096, "sigmoid_scale": 1.0},
+            _shifted_sigmoid_normal_cdf(math.exp(1.15), 1.0),
+        ),
     ],
     ids=["uniform", "sigmoid", "sigmoid_s2.5", "shift", "flux_shift_256", "flux_shift_4096"],
 )
@@ -154,8 +168,13 @@ def _sigma_mode_cdf(shift: float, u_cdf):
 def test_sigma_mode_logit_normal_follows_table_indexed_cdf():
     mean, std, shift = 0.3, 1.2, 3.0
     sig = flow.sample_sigmas(
-        "sigma", N, generator=_gen(2), discrete_flow_shift=shift, weighting_scheme="logit_normal",
-        logit_mean=mean, logit_std=std,
+        "sigma",
+        N,
+        generator=_gen(2),
+        discrete_flow_shift=shift,
+        weighting_scheme="logit_normal",
+        logit_mean=mean,
+        logit_std=std,
     )
     assert sig.dtype == torch.float32
     table = _table_numpy(shift)
@@ -173,7 +192,9 @@ def test_sigma_mode_logit_normal_follows_table_indexed_cdf():
 
 
 def test_sigma_mode_uniform_weighting_is_uniform_over_the_table():
-    sig = flow.sample_sigmas("sigma", N, generator=_gen(3), discrete_flow_shift=3.0, weighting_scheme="uniform")
+    sig = flow.sample_sigmas(
+        "sigma", N, generator=_gen(3), discrete_flow_shift=3.0, weighting_scheme="uniform"
+    )
     assert stats.kstest(sig.double().numpy(), _sigma_mode_cdf(3.0, lambda u: np.clip(u, 0, 1))).pvalue > P_MIN
 
 
@@ -272,7 +293,9 @@ def test_huber_c_schedules():
     sig = torch.tensor([0.0, 0.5, 1.0])
     assert flow.huber_c("constant", 0.1, 2.0, sig).tolist() == pytest.approx([0.2, 0.2, 0.2])
     # huber_scale · huber_c^(t/1000), t = 1000σ
-    assert flow.huber_c("exponential", 0.1, 2.0, sig).tolist() == pytest.approx([2.0, 2 * math.sqrt(0.1), 0.2])
+    assert flow.huber_c("exponential", 0.1, 2.0, sig).tolist() == pytest.approx(
+        [2.0, 2 * math.sqrt(0.1), 0.2]
+    )
     with pytest.raises(ConfigError, match="alphas_cumprod.*constant or exponential"):
         flow.huber_c("snr", 0.1, 1.0, sig)
 
@@ -282,20 +305,28 @@ def test_mask_normalisation_half_mask_gives_mean_of_kept_half():
     mask = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])  # keep the left column
     assert flow.reduce_loss(loss, mask=mask).item() == pytest.approx((1 + 3 + 5 + 7) / 4)
     # sd-scripts' unnormalised mean (spec §12.5) is available for compatibility
-    assert flow.reduce_loss(loss, mask=mask, normalize_mask=False).item() == pytest.approx((1 + 3 + 5 + 7) / 8)
+    assert flow.reduce_loss(loss, mask=mask, normalize_mask=False).item() == pytest.approx(
+        (1 + 3 + 5 + 7) / 8
+    )
     # an empty mask contributes 0, not NaN
-    per = flow.per_sample_loss(torch.ones(2, 1, 2, 2), mask=torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)]))
+    per = flow.per_sample_loss(
+        torch.ones(2, 1, 2, 2), mask=torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)])
+    )
     assert per.tolist() == [0.0, 1.0]
 
 
 def test_reduce_loss_weights_then_batch_mean():
     loss = torch.stack([torch.full((2, 2, 2), 1.0), torch.full((2, 2, 2), 3.0)])
     assert flow.reduce_loss(loss).item() == pytest.approx(2.0)
-    assert flow.reduce_loss(loss, sample_weights=torch.tensor([1.0, 0.5])).item() == pytest.approx((1 + 1.5) / 2)
+    assert flow.reduce_loss(loss, sample_weights=torch.tensor([1.0, 0.5])).item() == pytest.approx(
+        (1 + 1.5) / 2
+    )
 
 
 def test_latent_mask_area_resize():
-    mask = torch.tensor([[[[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]]]])
+    mask = torch.tensor(
+        [[[[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]]]]
+    )
     small = flow.latent_mask(mask, 2, 2)
     assert small.shape == (1, 1, 2, 2)
     assert small.flatten().tolist() == [0.75, 0.0, 1.0, 0.75]

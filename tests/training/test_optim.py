@@ -63,7 +63,9 @@ def _train(optimizer: torch.optim.Optimizer, model: nn.Module, steps: int = 5) -
     return losses
 
 
-@pytest.mark.parametrize(("name", "lr", "module", "cls_name"), OPTIMIZER_CASES, ids=[c[0] for c in OPTIMIZER_CASES])
+@pytest.mark.parametrize(
+    ("name", "lr", "module", "cls_name"), OPTIMIZER_CASES, ids=[c[0] for c in OPTIMIZER_CASES]
+)
 def test_each_optimizer_trains_and_changes_params(name, lr, module, cls_name):
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
@@ -81,10 +83,15 @@ def test_each_optimizer_trains_and_changes_params(name, lr, module, cls_name):
 
 
 def test_sgd_nesterov_defaults_momentum_and_nesterov():
-    opt, _ = optim.build_optimizer("sgdnesterov", [{"params": list(_model().parameters())}], learning_rate=0.1)
+    opt, _ = optim.build_optimizer(
+        "sgdnesterov", [{"params": list(_model().parameters())}], learning_rate=0.1
+    )
     assert opt.param_groups[0]["nesterov"] is True and opt.param_groups[0]["momentum"] == 0.9
     opt, _ = optim.build_optimizer(
-        "SGDNesterov", [{"params": list(_model().parameters())}], learning_rate=0.1, optimizer_args={"momentum": 0.5}
+        "SGDNesterov",
+        [{"params": list(_model().parameters())}],
+        learning_rate=0.1,
+        optimizer_args={"momentum": 0.5},
     )
     assert opt.param_groups[0]["momentum"] == 0.5
 
@@ -126,7 +133,9 @@ def test_adafactor_relative_step_default_requires_its_scheduler(caplog):
     )
     assert optim.required_scheduler(fixed) is None and fixed.param_groups[0]["lr"] == 1e-3
     forced, _ = optim.build_optimizer(
-        "Adafactor", [{"params": list(_model().parameters())}], learning_rate=1e-3,
+        "Adafactor",
+        [{"params": list(_model().parameters())}],
+        learning_rate=1e-3,
         optimizer_args={"relative_step": False, "warmup_init": True},
     )
     assert forced.defaults["relative_step"] is True  # warmup_init needs relative steps (as sd-scripts)
@@ -158,12 +167,26 @@ def test_unknown_and_missing_optimizers_give_clear_errors():
 
 def test_parse_optimizer_args_literals_and_strings():
     parsed = optim.parse_optimizer_args(
-        ["weight_decay=0.01", "betas=(0.9, 0.99)", "eps=1e-8", "decouple=True", "d_coef=2", "mode=cosine",
-         "rules= a=b ", "none=None"]
+        [
+            "weight_decay=0.01",
+            "betas=(0.9, 0.99)",
+            "eps=1e-8",
+            "decouple=True",
+            "d_coef=2",
+            "mode=cosine",
+            "rules= a=b ",
+            "none=None",
+        ]
     )
     assert parsed == {
-        "weight_decay": 0.01, "betas": (0.9, 0.99), "eps": 1e-8, "decouple": True, "d_coef": 2,
-        "mode": "cosine", "rules": "a=b", "none": None,
+        "weight_decay": 0.01,
+        "betas": (0.9, 0.99),
+        "eps": 1e-8,
+        "decouple": True,
+        "d_coef": 2,
+        "mode": "cosine",
+        "rules": "a=b",
+        "none": None,
     }
     assert optim.parse_optimizer_args(None) == {}
     for bad in (["weight_decay"], ["=0.1"], ["two words=1"]):
@@ -180,13 +203,17 @@ def test_resolve_optimizer_name_legacy_flags():
     assert optim.resolve_optimizer_name("Prodigy", False, False) == "Prodigy"
     with pytest.raises(ConfigError, match="--use_8bit_adam and --use_lion_optimizer"):
         optim.resolve_optimizer_name("", True, True)
-    with pytest.raises(ConfigError, match="--use_lion_optimizer cannot be combined with --optimizer_type AdamW"):
+    with pytest.raises(
+        ConfigError, match="--use_lion_optimizer cannot be combined with --optimizer_type AdamW"
+    ):
         optim.resolve_optimizer_name("AdamW", False, True)
 
 
 def test_schedule_free_eval_mode_swaps_parameters_and_restores_them():
     model = _model()
-    opt, _ = optim.build_optimizer("AdamWScheduleFree", [{"params": list(model.parameters())}], learning_rate=1e-2)
+    opt, _ = optim.build_optimizer(
+        "AdamWScheduleFree", [{"params": list(model.parameters())}], learning_rate=1e-2
+    )
     assert optim.is_schedule_free(opt) and opt.param_groups[0]["train_mode"] is True
     _train(opt, model)
     train_weights = model.weight.detach().clone()

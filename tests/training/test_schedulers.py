@@ -20,8 +20,9 @@ W = 8  # warmup steps
 
 def _opt(name: str = "AdamW", **args) -> torch.optim.Optimizer:
     model = nn.Linear(2, 2)
-    opt, _ = optim.build_optimizer(name, [{"params": list(model.parameters())}], learning_rate=BASE_LR,
-                                   optimizer_args=args)
+    opt, _ = optim.build_optimizer(
+        name, [{"params": list(model.parameters())}], learning_rate=BASE_LR, optimizer_args=args
+    )
     return opt
 
 
@@ -130,23 +131,37 @@ def test_fractional_and_percent_warmup():
             resolve_steps(bad, 40, "--lr_warmup_steps")
     opt = _opt()
     sched = build_scheduler("constant_with_warmup", opt, num_training_steps=T, num_warmup_steps=W / T)
-    assert _curve(sched, opt, W + 1) == pytest.approx([BASE_LR * constant_with_warmup(s) for s in range(W + 1)])
+    assert _curve(sched, opt, W + 1) == pytest.approx(
+        [BASE_LR * constant_with_warmup(s) for s in range(W + 1)]
+    )
 
 
 def test_custom_scheduler_type_bare_name_and_class_path():
     opt = _opt()
-    sched = build_scheduler("constant", opt, num_training_steps=T, scheduler_type="StepLR",
-                            scheduler_args={"step_size": 3, "gamma": 0.5})
+    sched = build_scheduler(
+        "constant",
+        opt,
+        num_training_steps=T,
+        scheduler_type="StepLR",
+        scheduler_args={"step_size": 3, "gamma": 0.5},
+    )
     assert _curve(sched, opt, 9) == pytest.approx([BASE_LR * 0.5 ** (s // 3) for s in range(9)])
     opt = _opt()
-    sched = build_scheduler("constant", opt, num_training_steps=T,
-                            scheduler_type="torch.optim.lr_scheduler.ExponentialLR", scheduler_args={"gamma": 0.9})
+    sched = build_scheduler(
+        "constant",
+        opt,
+        num_training_steps=T,
+        scheduler_type="torch.optim.lr_scheduler.ExponentialLR",
+        scheduler_args={"gamma": 0.9},
+    )
     assert _curve(sched, opt, 5) == pytest.approx([BASE_LR * 0.9**s for s in range(5)])
 
 
 def test_adafactor_schedule_reports_adafactor_step_size():
     opt = _opt("Adafactor", scale_parameter=False)
-    sched = build_scheduler("constant", opt, num_training_steps=T, initial_lr=1e-3)  # forced: relative_step=True
+    sched = build_scheduler(
+        "constant", opt, num_training_steps=T, initial_lr=1e-3
+    )  # forced: relative_step=True
     assert sched.get_last_lr() == [1e-3]  # before the first step: the initial LR
     model_params = opt.param_groups[0]["params"]
     for _ in range(3):
@@ -183,13 +198,22 @@ def test_scheduler_resumes_exactly(name):
 
 
 def test_warmup_for_schedulers_without_warmup_is_an_error():
-    for name, extra in [("constant", {}), ("piecewise_constant", {"scheduler_args": {"step_rules": "1:3,0.5"}})]:
+    for name, extra in [
+        ("constant", {}),
+        ("piecewise_constant", {"scheduler_args": {"step_rules": "1:3,0.5"}}),
+    ]:
         with pytest.raises(ConfigError, match="takes no warmup") as info:
             build_scheduler(name, _opt(), num_training_steps=T, num_warmup_steps=5, **extra)
         assert info.value.key == "--lr_warmup_steps"
     with pytest.raises(ConfigError, match="takes no warmup"):
-        build_scheduler("constant", _opt(), num_training_steps=T, num_warmup_steps=5, scheduler_type="StepLR",
-                        scheduler_args={"step_size": 2})
+        build_scheduler(
+            "constant",
+            _opt(),
+            num_training_steps=T,
+            num_warmup_steps=5,
+            scheduler_type="StepLR",
+            scheduler_args={"step_size": 2},
+        )
 
 
 def test_bad_scheduler_settings_give_clear_errors():
@@ -200,7 +224,9 @@ def test_bad_scheduler_settings_give_clear_errors():
     with pytest.raises(ConfigError, match="step_rules"):
         build_scheduler("piecewise_constant", _opt(), num_training_steps=T)
     with pytest.raises(ConfigError, match="exceed"):
-        build_scheduler("warmup_stable_decay", _opt(), num_training_steps=T, num_warmup_steps=30, num_decay_steps=20)
+        build_scheduler(
+            "warmup_stable_decay", _opt(), num_training_steps=T, num_warmup_steps=30, num_decay_steps=20
+        )
     with pytest.raises(ConfigError, match="--lr_scheduler_args"):
         build_scheduler("cosine", _opt(), num_training_steps=T, scheduler_args={"bogus": 1})
     with pytest.raises(ConfigError, match="--lr_scheduler_type"):
