@@ -247,7 +247,8 @@ def _split_fused(module: LoraModule, sizes: list[int]) -> list[tuple[torch.Tenso
         if sparse:
             return [(down[j * r:(j + 1) * r], up[s:s + size, j * r:(j + 1) * r])
                     for j, (s, size) in enumerate(zip(starts, sizes, strict=True))]
-    return [(down, up[s:s + size]) for s, size in zip(starts, sizes, strict=True)]
+    # Separate copies: safetensors refuses to save tensors that share memory.
+    return [(down.clone(), up[s:s + size]) for s, size in zip(starts, sizes, strict=True)]
 
 
 def _diffusers_targets(bfl_path: str) -> tuple[str, ...] | None:

@@ -1,0 +1,304 @@
+"""`flux_merge_lora.py`: merge LoRAs into FLUX / CLIP-L / T5 checkpoints, or into one LoRA (spec §10.3).
+
+Into a model: `W += ratio · (up @ down) · alpha/rank` per module, in `--precision` on `--working_device`, LoRAs
+applied in the order given. Fixes of spec §12.32:
+- the output keeps each tensor's dtype from the base file unless `--save_precision` is given (sd-scripts wrote fp32);
+- `model.diffusion_model.`-prefixed bases work and keep their prefix; `--save_to name.safetensors` works;
+- diffusers / ai-toolkit / PEFT LoRAs are converted with the generic key map (every block index; detected from
+  the keys, `--diffusers` is accepted but not needed); their text-encoder parts merge too;
+- a LoRA module that matches no weight of a model it targets is an error listing the modules (a LoRA for another
+  model is a mistake), unless `--ignore_unmatched` (ours) turns it into a warning; modules for a text encoder
+  whose base was not given are skipped with one warning naming the flag to add.
+
+LoRA + LoRA (no base model): ratios are linear (`ratio` scales the module's delta; sd-scripts applied
+`ratio·|ratio|`). Each LoRA's factors are scaled by `√|c|` (the sign going to down) with
+`c = ratio·(α_i/r_i)/(α_base/r_base)`, "base" being the first file with the module, whose alpha the result
+keeps. Without `--concat` up and down are summed (sd-scripts' semantics: exact for one LoRA, an approximation of
+the sum of deltas for more; same ranks required); with `--concat` they are concatenated along the rank and alpha
+is scaled with the rank (`α_base·rank_total/r_base`), so the result is exactly `Σ ratio_i·α_i/r_i·up_i@down_i`.
+`--shuffle` permutes the rank order with a fixed seed (the delta does not change). Output metadata:
+`ss_network_module=networks.lora_flux`, `ss_merged_from` and `modelspec.merged_from` name the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from fluxlora.errors import CheckpointError, ConfigError, FluxLoraError
+from fluxlora.files import save_safetensors
+from fluxlora.models.checkpoints import ModelKind, load_tensors, read_header, require_kind, strip_prefix
+from fluxlora.network.formats import KOHYA_PREFIXES, LoraModule, detect_lora_format, read_kohya, to_kohya, write_kohya
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float": torch.float32, "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+}
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+SHUFFLE_SEED = 0
+
+
+def parse_precision(value: str | None, flag: str, *, allow_fp8: bool = True) -> torch.dtype | None:
+    """sd-scripts precision names (float/fp32, fp16, bf16, fp8, fp8_e4m3fn, fp8_e5m2) -> dtype; None stays None."""
+    if value is None:
+        return None
+    dtype = _DTYPES.get(value.lower())
+    if dtype is None or (not allow_fp8 and dtype in _FP8):
+        names = [n for n, d in _DTYPES.items() if allow_fp8 or d not in _FP8]
+        raise ConfigError(f"{flag} {value!r} is not a precision; use one of {', '.join(names)}", key=flag)
+    return dtype
+
+
+def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """sd-scripts' `sshs_model_hash` / `sshs_legacy_hash`, computed on a serialisation with only the ss_* metadata."""
+    from safetensors.torch import save
+
+    ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=ss or None)
+    header_len = int.from_bytes(data[:8], "little")
+    buf = io.BytesIO(data)
+    buf.seek(0x100000)
+    return {"sshs_model_hash": hashlib.sha256(data[8 + header_len:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(buf.read(0x10000)).hexdigest()[:8]}
+
+
+def modelspec(architecture: str, title: str, *, merged_from: str | None = None) -> dict[str, str]:
+    """ModelSpec 1.0.1 keys for a FLUX file (spec §6.3)."""
+    meta = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        "modelspec.title": title,
+        "modelspec.resolution": "1024x1024",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if merged_from:
+        meta["modelspec.merged_from"] = merged_from
+    return meta
+
+
+def load_lora(path: str | Path, flag: str = "--models", *, hidden_size: int | None = None,
+              ) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    """Read a LoRA file in any supported format as kohya modules (pickles are refused), plus its metadata."""
+    header = read_header(path, flag=flag)
+    try:
+        fmt = detect_lora_format(header.tensors, header.metadata)
+        sd = to_kohya(load_tensors(header), fmt, hidden_size=hidden_size)
+        return read_kohya(sd), header.metadata
+    except FluxLoraError as err:
+        raise CheckpointError(f"{flag} {header.path}: {err}", path=header.path, key=err.key) from None
+
+
+def _title(path: Path, metadata: Mapping[str, str]) -> str:
+    return metadata.get("modelspec.title") or path.stem
+
+
+def _base_key_map(keys: Mapping[str, tuple[int, ...]], lora_prefix: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(kohya module name -> file key of its 2-D weight, file key -> model key) for one base file."""
+    rename = strip_prefix(keys)
+    names = {}
+    for file_key, model_key in rename.items():
+        if model_key.endswith(".weight") and len(keys[file_key]) == 2:
+            names[f"{lora_prefix}_{model_key[:-len('.weight')].replace('.', '_')}"] = file_key
+    return names, rename
+
+
+_BASES = (  # (lora prefix, model flag, save flag, kinds)
+    ("lora_unet", "--flux_model", "--save_to", (ModelKind.FLUX,)),
+    ("lora_te1", "--clip_l", "--clip_l_save_to", (ModelKind.CLIP_L,)),
+    ("lora_te3", "--t5xxl", "--t5xxl_save_to", (ModelKind.T5XXL,)),
+)
+
+
+def merge_into_models(args: argparse.Namespace, ratios: list[float]) -> None:
+    merge_dtype = parse_precision(args.precision, "--precision", allow_fp8=False)
+    save_dtype = parse_precision(args.save_precision, "--save_precision")
+    loras = [(Path(p), r, *load_lora(p)) for p, r in zip(args.models, ratios, strict=True)]
+    bases = {}
+    for prefix, flag, save_flag, kinds in _BASES:
+        path = getattr(args, flag[2:])
+        if path is None:
+            continue
+        if getattr(args, save_flag[2:]) is None:
+            raise ConfigError(f"{flag} is given but {save_flag} is not; say where to write the merged model", key=save_flag)
+        header = read_header(path, flag=flag)
+        require_kind(header, kinds, flag=flag)
+        names, _ = _base_key_map(header.shapes, prefix)
+        bases[prefix] = (header, names, flag, save_flag)
+
+    # Validate everything before touching a weight: unmatched modules and shape mismatches are reported up front.
+    plan: dict[str, list[tuple[str, LoraModule, float]]] = {p: [] for p in bases}
+    unmatched: list[str] = []
+    skipped: dict[str, int] = {}
+    for path, ratio, modules, _ in loras:
+        for name, module in modules.items():
+            prefix = next(p for p in KOHYA_PREFIXES if name.startswith(p + "_"))
+            if prefix not in bases:
+                skipped[prefix] = skipped.get(prefix, 0) + 1
+                continue
+            header, names, flag, _ = bases[prefix]
+            key = names.get(name)
+            if key is None:
+                unmatched.append(f"{name} ({path.name})")
+                continue
+            out_f, in_f = header.shapes[key]
+            if tuple(module.up.shape)[0] != out_f or tuple(module.down.shape)[1] != in_f:
+                raise CheckpointError(
+                    f"--models {path}: module {name} is {module.up.shape[0]}x{module.down.shape[1]} but {flag} "
+                    f"{header.path} key {key!r} is {out_f}x{in_f}; the LoRA was trained for another model",
+                    path=path, key=key)
+            plan[prefix].append((key, module, ratio))
+    for prefix, count in skipped.items():
+        flag = next(f for p, f, _, _ in _BASES if p == prefix)
+        logger.warning("%d LoRA module(s) for %s are not merged because %s was not given", count, prefix, flag)
+    if unmatched:
+        listing = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+        message = f"{len(unmatched)} LoRA module(s) match no weight of the given models: {listing}"
+        if not args.ignore_unmatched:
+            raise CheckpointError(message + "; is the LoRA for this model? (--ignore_unmatched merges the rest)",
+                                  key=unmatched[0])
+        logger.warning("%s; skipped (--ignore_unmatched)", message)
+
+    merged_from = ", ".join(_title(p, meta) for p, _, _, meta in loras)
+    for prefix, (header, _, flag, save_flag) in bases.items():
+        tensors = _merge_file(header, plan[prefix], merge_dtype or torch.float32, save_dtype, args.working_device,
+                              args.loading_device)
+        metadata: dict[str, str] = {}
+        if not args.no_metadata:
+            metadata["ss_merged_from"] = merged_from
+            if prefix == "lora_unet":
+                stripped = strip_prefix(header.tensors)
+                schnell = "guidance_in.in_layer.weight" not in stripped.values()
+                metadata.update(modelspec("flux-1-schnell" if schnell else "flux-1-dev", "Merged model",
+                                          merged_from=merged_from))
+        out = Path(getattr(args, save_flag[2:]))
+        save_safetensors(out, tensors, metadata)
+        logger.info("merged %d module(s) into %s -> %s", len(plan[prefix]), header.path, out)
+
+
+def _merge_file(header, plan, merge_dtype: torch.dtype, save_dtype: torch.dtype | None, working_device: str,
+                loading_device: str) -> dict[str, torch.Tensor]:
+    tensors = load_tensors(header, device=loading_device)
+    merged: dict[str, torch.Tensor] = {}
+    for key, module, ratio in plan:
+        weight = merged.get(key)
+        if weight is None:
+            weight = tensors[key].to(working_device, merge_dtype)
+        up = module.up.to(working_device, merge_dtype)
+        down = module.down.to(working_device, merge_dtype)
+        merged[key] = weight + ratio * (up @ down) * module.scale
+    out = {}
+    for key, tensor in tensors.items():
+        value = merged.get(key, tensor)
+        dtype = save_dtype if (save_dtype is not None and tensor.is_floating_point()) else tensor.dtype
+        out[key] = value.to("cpu", dtype)
+    return out
+
+
+def merge_loras(args: argparse.Namespace, ratios: list[float]) -> None:
+    """LoRA + LoRA merge into one kohya LoRA (see the module docstring for the exact semantics)."""
+    save_dtype = parse_precision(args.save_precision, "--save_precision")
+    merge_dtype = parse_precision(args.precision, "--precision", allow_fp8=False) or torch.float32
+    loras = [(Path(p), r, *load_lora(p)) for p, r in zip(args.models, ratios, strict=True)]
+    contributions: dict[str, list[tuple[LoraModule, float]]] = {}
+    for _, ratio, modules, _ in loras:
+        for name, module in modules.items():
+            contributions.setdefault(name, []).append((module, ratio))
+    generator = torch.Generator().manual_seed(SHUFFLE_SEED)
+    result: dict[str, LoraModule] = {}
+    for name, items in contributions.items():
+        base = items[0][0]
+        alpha_base = base.alpha or base.rank
+        downs, ups = [], []
+        for module, ratio in items:
+            c = ratio * module.scale / base.scale
+            f = math.sqrt(abs(c))
+            downs.append(module.down.to(merge_dtype) * (f if c >= 0 else -f))
+            ups.append(module.up.to(merge_dtype) * f)
+        if args.concat:
+            down, up = torch.cat(downs, dim=0), torch.cat(ups, dim=1)
+            alpha = alpha_base * down.shape[0] / base.rank
+        else:
+            ranks = {d.shape[0] for d in downs}
+            if len(ranks) > 1:
+                raise CheckpointError(f"module {name} has ranks {sorted(ranks)} in the inputs; summing needs equal "
+                                      "ranks — use --concat", key=name)
+            down, up, alpha = torch.stack(downs).sum(0), torch.stack(ups).sum(0), alpha_base
+        if args.shuffle:
+            perm = torch.randperm(down.shape[0], generator=generator)
+            down, up = down[perm], up[:, perm]
+        result[name] = LoraModule(down, up, float(alpha))
+    tensors = write_kohya(result, save_dtype or merge_dtype)
+    ranks = {m.rank for m in result.values()}
+    alphas = {m.alpha for m in result.values()}
+    merged_from = ", ".join(_title(p, meta) for p, _, _, meta in loras)
+    metadata = {
+        "ss_v2": "False",
+        "ss_base_model_version": "flux1",
+        "ss_network_module": "networks.lora_flux",
+        "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+        "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
+        "ss_merged_from": merged_from,
+    }
+    archs = {meta.get("modelspec.architecture") for _, _, _, meta in loras}
+    arch = "flux-1-schnell/lora" if archs == {"flux-1-schnell/lora"} else "flux-1-dev/lora"
+    if not args.no_metadata:
+        metadata.update(modelspec(arch, Path(args.save_to).stem, merged_from=merged_from))
+    metadata.update(sshs_hashes(tensors, metadata))
+    save_safetensors(args.save_to, tensors, metadata)
+    logger.info("merged %d LoRA(s), %d module(s) -> %s", len(loras), len(result), args.save_to)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flux_merge_lora.py", description=__doc__.split("\n")[0])
+    p.add_argument("--save_precision", default=None, help="output precision: float, fp16, bf16, fp8_e4m3fn, fp8_e5m2 "
+                   "(default: each tensor keeps the base file's dtype; LoRA merges: --precision)")
+    p.add_argument("--precision", default="float", help="merge precision: float, fp16, bf16 (default float)")
+    p.add_argument("--flux_model", default=None, help="FLUX.1 transformer (.safetensors, BFL layout, prefix allowed)")
+    p.add_argument("--clip_l", default=None, help="CLIP-L text encoder (.safetensors)")
+    p.add_argument("--t5xxl", default=None, help="T5-XXL text encoder (.safetensors)")
+    p.add_argument("--mem_eff_load_save", action="store_true", help="accepted; loading is memory-mapped anyway")
+    p.add_argument("--loading_device", default="cpu", help="device to load the base model on (default cpu)")
+    p.add_argument("--working_device", default="cpu", help="device to merge on (default cpu)")
+    p.add_argument("--save_to", default=None, help="output file (merged FLUX model, or the merged LoRA)")
+    p.add_argument("--clip_l_save_to", default=None, help="output file for the merged CLIP-L")
+    p.add_argument("--t5xxl_save_to", default=None, help="output file for the merged T5-XXL")
+    p.add_argument("--models", type=str, nargs="*", default=[], help="LoRA files to merge (.safetensors)")
+    p.add_argument("--ratios", type=float, nargs="*", default=None, help="one ratio per LoRA (default 1.0 each)")
+    p.add_argument("--no_metadata", action="store_true", help="write no ModelSpec / merged_from metadata")
+    p.add_argument("--concat", action="store_true", help="LoRA merge: concatenate ranks (exact sum of deltas)")
+    p.add_argument("--shuffle", action="store_true", help="LoRA merge: permute the rank order")
+    p.add_argument("--diffusers", action="store_true",
+                   help="the LoRAs use diffusers naming (accepted; the format is detected from the keys)")
+    p.add_argument("--ignore_unmatched", action="store_true",
+                   help="(fluxlora) warn instead of failing when a LoRA module matches no weight of the model")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.models:
+        raise ConfigError("--models is empty; give the LoRA file(s) to merge", key="--models")
+    ratios = args.ratios if args.ratios is not None else [1.0] * len(args.models)
+    if len(ratios) != len(args.models):
+        raise ConfigError(f"--ratios has {len(ratios)} value(s) but --models has {len(args.models)} file(s); "
+                          "give one ratio per model", key="--ratios")
+    if args.flux_model or args.clip_l or args.t5xxl:
+        merge_into_models(args, ratios)
+    else:
+        if args.save_to is None:
+            raise ConfigError("--save_to is required; say where to write the merged LoRA", key="--save_to")
+        merge_loras(args, ratios)
+    return 0
