@@ -282,9 +282,16 @@ class PreparedImage:
     original_size: Size
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    # Pillow hands out read-only buffers and crops are views: copy only then.
+    if not (array.flags.writeable and array.flags.c_contiguous):
+        array = np.array(array, copy=True, order="C")
+    return torch.from_numpy(array)
+
+
 def to_pixels(rgb: np.ndarray) -> torch.Tensor:
     """uint8 H×W×3 -> float32 [3,H,W] in [-1, 1] as x/127.5 - 1."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return _tensor(rgb).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def prepare_image(
@@ -323,7 +330,7 @@ def prepare_image(
         mask = mask[:, ::-1] if mask is not None else None
     mask_tensor = None
     if mask is not None:
-        mask_tensor = torch.from_numpy(np.ascontiguousarray(mask)).float().div_(255.0).unsqueeze(0)
+        mask_tensor = _tensor(mask).float().div_(255.0).unsqueeze(0)
     return PreparedImage(
         pixels=to_pixels(rgb), alpha_mask=mask_tensor, plan=plan, flipped=flipped, original_size=size
     )
