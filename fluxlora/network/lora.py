@@ -1,0 +1,351 @@
+"""The LoRA network for FLUX.1 (`--network_module networks.lora_flux`): sd-scripts' file format, fixed behaviour.
+
+`create_network` builds LoRA modules for the 304 DiT block Linears (plus `in_dims` input layers), CLIP-L (72,
+`lora_te1_`) and, with `train_t5xxl=True`, T5 (168, `lora_te3_`); `create_network_from_weights` takes per-module
+ranks and alphas from a file (`--dim_from_weights`) and keeps every other network_arg (spec §12.22 fixed).
+`load_weights` is strict and takes the scale from the file's alpha; `state_dict_for_save` writes kohya keys with
+`.alpha` for every module and split_qkv in the fused block-diagonal form other loaders read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fluxlora.errors import CheckpointError, ConfigError
+from fluxlora.network.args import NetworkArgs, parse_network_args
+from fluxlora.network.groups import ParamGroups, build_param_groups
+from fluxlora.network.module import LoRAModule, gram_row_norms_sq
+from fluxlora.network.saving import read_lora, save_lora
+from fluxlora.network.targets import (
+    COMPONENT_PREFIXES,
+    Target,
+    all_targets,
+    check_block_indices,
+    plan_rank,
+)
+
+__all__ = ["LoRAModule", "LoRANetwork", "LoadInfo", "create_network", "create_network_from_weights"]
+
+logger = logging.getLogger(__name__)
+
+_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+
+
+@dataclass
+class LoadInfo:
+    """What `load_weights` did: modules loaded, network modules the file lacked (left at init), keys skipped."""
+
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one training run. Submodule names are the kohya names, so `state_dict()` keys are
+    `<lora_name>.lora_down.weight` (split modules: `.lora_up.<j>.weight`) — the exact-resume form; files for other
+    tools come from `state_dict_for_save`."""
+
+    def __init__(self, loras: Sequence[LoRAModule], args: NetworkArgs, *, multiplier: float = 1.0,
+                 train_unet: bool = True, train_text_encoder: bool = True):
+        super().__init__()
+        self.args = args
+        self.multiplier = float(multiplier)
+        self.train_unet = train_unet
+        self.train_text_encoder = train_text_encoder
+        names = set()
+        for lora in loras:
+            if lora.lora_name in names:
+                raise ValueError(f"duplicated LoRA module name {lora.lora_name}")
+            names.add(lora.lora_name)
+            self.add_module(lora.lora_name, lora)
+
+    # ---- module views -------------------------------------------------------------------------------------------
+    @property
+    def loras(self) -> list[LoRAModule]:
+        return [m for m in self.children() if isinstance(m, LoRAModule)]
+
+    @property
+    def unet_loras(self) -> list[LoRAModule]:
+        return [m for m in self.loras if m.component == "unet"]
+
+    @property
+    def text_encoder_loras(self) -> list[LoRAModule]:
+        return [m for m in self.loras if m.component != "unet"]
+
+    def get_trainable_params(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    # ---- attaching, multiplier, merging -------------------------------------------------------------------------
+    def apply_to(self, flux: nn.Module | None = None, text_encoders: Sequence[nn.Module | None] | None = None) -> None:
+        """Route every wrapped Linear's forward through its LoRA (the models were given at creation)."""
+        for lora in self.loras:
+            lora.apply_to()
+        logger.info("LoRA applied: %d DiT modules, %d text-encoder modules", len(self.unet_loras), len(self.text_encoder_loras))
+
+    def remove(self) -> None:
+        for lora in self.loras:
+            lora.remove()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = float(multiplier)
+        for lora in self.loras:
+            lora.multiplier = self.multiplier
+
+    def set_generator(self, generator: torch.Generator | None) -> None:
+        """Use `generator` for dropout masks and GGPO noise (None: torch's global RNG, saved by accelerate)."""
+        for lora in self.loras:
+            lora.generator = generator
+
+    @torch.no_grad()
+    def merge_into_base(self) -> None:
+        """Add every delta into its base weight (W += multiplier·alpha/rank·up@down) and detach the adapters."""
+        for lora in self.loras:
+            lora.merge_into_base()
+
+    # ---- regularisers -------------------------------------------------------------------------------------------
+    def update_norms(self) -> None:
+        """LoRA-GGPO: refresh weight and gradient row norms; call after each synced backward, before the step."""
+        if self.args.ggpo:
+            for lora in self.loras:
+                lora.update_norms()
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float, device: torch.device | str | None = None) -> tuple[int, float, float]:
+        """`--scale_weight_norms` (spec §5.6): per module Δ = scale·up@down, n = max(‖Δ‖_F, m/2),
+        ratio = min(n, m)/n; up and down are multiplied by √ratio when ratio ≠ 1.
+        Returns (modules scaled, mean and max of the norms after scaling)."""
+        scaled, norms = 0, []
+        for lora in self.loras:
+            up, down = lora.fused_factors()
+            up_f, down_f = up.float().to(device or up.device), down.float().to(device or up.device)
+            # ‖up@down‖_F² = Σ rows of the Gram form: no [out, in] matrix.
+            norm = float(gram_row_norms_sq(up_f, down_f).sum().sqrt()) * abs(lora.scale)
+            clamped = max(norm, max_norm / 2)
+            ratio = min(clamped, max_norm) / clamped
+            if ratio != 1.0:
+                scaled += 1
+                root = ratio**0.5
+                lora.lora_down.weight.mul_(root)
+                for w in lora.up_weights():
+                    w.mul_(root)
+            norms.append(norm * ratio)
+        if not norms:
+            return 0, 0.0, 0.0
+        return scaled, sum(norms) / len(norms), max(norms)
+
+    # ---- optimizer ----------------------------------------------------------------------------------------------
+    def prepare_optimizer_params(self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,
+                                 learning_rate: float | None) -> ParamGroups:
+        """Optimizer groups of spec §5.4 (see `fluxlora.network.groups`)."""
+        self.requires_grad_(True)
+        return build_param_groups(self.loras, self.args, learning_rate=learning_rate, unet_lr=unet_lr,
+                                  text_encoder_lr=text_encoder_lr)
+
+    # ---- saving -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def state_dict_for_save(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Kohya keys, `.alpha` for every module (never 0), split modules fused (block-diagonal up, alpha × k)."""
+        out: dict[str, torch.Tensor] = {}
+        for lora in self.loras:
+            up, down = lora.fused_factors()
+            tensors = {"lora_down.weight": down, "lora_up.weight": up,
+                       "alpha": torch.tensor(lora.fused_alpha(), dtype=torch.float32)}
+            for suffix, tensor in tensors.items():
+                tensor = tensor.detach().to("cpu", copy=True)
+                out[f"{lora.lora_name}.{suffix}"] = tensor.to(dtype) if dtype is not None else tensor
+        return out
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> None:
+        """Save a kohya-format `.safetensors` (atomic) with metadata and `sshs_*` hashes."""
+        save_lora(path, self.state_dict_for_save(dtype), metadata)
+
+    # ---- loading ------------------------------------------------------------------------------------------------
+    def load_weights(self, path: str | Path, *, flag: str = "--network_weights") -> LoadInfo:
+        """Load a kohya LoRA file strictly; the file's alpha sets each module's scale (spec §12.22 fixed)."""
+        tensors, _ = read_lora(path, flag=flag)
+        return self.load_lora_state_dict(tensors, path=path, flag=flag)
+
+    @torch.no_grad()
+    def load_lora_state_dict(self, tensors: Mapping[str, torch.Tensor], *, path: str | Path = "<state dict>",
+                             flag: str = "--network_weights") -> LoadInfo:
+        """Load kohya-keyed tensors. Every key must belong to a module of this network with a fitting shape;
+        otherwise a CheckpointError names the first bad keys and how many there are. Keys of a component the flags
+        turned off (`lora_te*` with --network_train_unet_only, `lora_unet` with --network_train_text_encoder_only)
+        are skipped with a warning. A missing `.alpha` means alpha = rank (what diffusers and ComfyUI assume)."""
+        modules = {lora.lora_name: lora for lora in self.loras}
+        off = [p for c, p in COMPONENT_PREFIXES.items() if not (self.train_unet if c == "unet" else self.train_text_encoder)]
+        info, unknown, wrong = LoadInfo(), [], []
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            name, _, suffix = key.partition(".")
+            if name not in modules and any(name.startswith(p + "_") for p in off):
+                info.skipped.append(key)
+                continue
+            if name not in modules or suffix not in _SUFFIXES:
+                unknown.append(key)
+                continue
+            grouped.setdefault(name, {})[suffix] = tensor
+        for name, parts in grouped.items():
+            lora = modules[name]
+            up, down = lora.fused_factors()
+            want = {"lora_down.weight": tuple(down.shape), "lora_up.weight": tuple(up.shape)}
+            for suffix in ("lora_down.weight", "lora_up.weight"):
+                if suffix not in parts:
+                    wrong.append(f"{name}.{suffix} (missing)")
+                elif tuple(parts[suffix].shape) != want[suffix]:
+                    wrong.append(f"{name}.{suffix} (file {list(parts[suffix].shape)}, network {list(want[suffix])})")
+            if "alpha" in parts and parts["alpha"].numel() != 1:
+                wrong.append(f"{name}.alpha (file {list(parts['alpha'].shape)}, expected a scalar)")
+        problems = [f"{len(unknown)} key(s) that match no module of this network, first {unknown[:3]}"] if unknown else []
+        if wrong:
+            problems.append(f"{len(wrong)} shape problem(s), first {wrong[:3]}")
+        if problems:
+            raise CheckpointError(
+                f"{flag} {path}: this LoRA does not fit the network: " + "; ".join(problems) + " — check the base model "
+                "and --network_dim/--network_args, or rebuild the network from the file with --dim_from_weights",
+                path=path, key=flag)
+        for name, parts in grouped.items():
+            lora = modules[name]
+            up = parts["lora_up.weight"].float()
+            if lora.split_dims is not None and not _is_block_diagonal(up, lora.split_dims, lora.lora_dim):
+                raise CheckpointError(
+                    f"{flag} {path}: {name} was not trained with split_qkv (its up weight is not block-diagonal); "
+                    "load it without split_qkv=True", path=path, key=flag)
+            lora.load_fused(up, parts["lora_down.weight"].float())
+            fused_rank = lora.lora_dim * lora.parts
+            alpha = float(parts["alpha"].float()) if "alpha" in parts else float(fused_rank)
+            if alpha == 0.0:
+                logger.warning("%s: %s.alpha is 0, read as alpha = rank as sd-scripts does", path, name)
+                alpha = float(fused_rank)
+            lora.set_alpha(alpha / lora.parts)
+            info.loaded += 1
+        info.missing = sorted(set(modules) - set(grouped))
+        if info.missing:
+            logger.warning("%s: %d module(s) of the network are not in the file and start from init, first %s",
+                           path, len(info.missing), info.missing[:3])
+        if info.skipped:
+            logger.warning("%s: %d key(s) of components not being trained were skipped, first %s",
+                           path, len(info.skipped), info.skipped[:3])
+        return info
+
+
+def _is_block_diagonal(up: torch.Tensor, split_dims: Sequence[int], rank: int) -> bool:
+    mask = torch.block_diag(*[torch.ones(d, rank, dtype=torch.bool) for d in split_dims])
+    return bool((up[~mask] == 0).all())
+
+
+def _build(
+    targets: list[Target],
+    ranks: Mapping[str, int],
+    alphas: Mapping[str, float | None],
+    args: NetworkArgs,
+    *,
+    multiplier: float,
+    generator: torch.Generator | None,
+    split_divides: bool = False,
+) -> list[LoRAModule]:
+    loras = []
+    for target in targets:
+        rank = ranks.get(target.name, 0)
+        if rank <= 0:
+            if args.verbose:
+                logger.info("skipped (rank 0): %s", target.name)
+            continue
+        split = target.split_dims if args.split_qkv and target.component == "unet" else []
+        alpha = alphas.get(target.name)
+        if split and split_divides:  # rank and alpha come from a fused file: k parts share them
+            if rank % len(split):
+                raise ConfigError(f"--network_args split_qkv=True: {target.name} has rank {rank} in the file, not a "
+                                  f"multiple of {len(split)}; drop split_qkv for this file", key="split_qkv")
+            rank //= len(split)
+            alpha = None if alpha is None else alpha / len(split)
+        lora = LoRAModule(target.name, target.module, rank=rank, alpha=alpha, multiplier=multiplier,
+                          dropout=args.dropout, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
+                          split_dims=split or None, ggpo_sigma=args.ggpo_sigma, ggpo_beta=args.ggpo_beta,
+                          generator=generator)
+        lora.component = target.component
+        if args.verbose:
+            logger.info("%s: rank %d, alpha %g%s", target.name, rank, float(lora.alpha), " (split)" if split else "")
+        loras.append(lora)
+    return loras
+
+
+def create_network(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    flux: nn.Module | None,
+    text_encoders: Sequence[nn.Module | None] = (),
+    *,
+    network_args: Sequence[str] | Mapping[str, object] | NetworkArgs | None = None,
+    neuron_dropout: float | None = None,
+    train_unet: bool = True,
+    train_text_encoder: bool = True,
+    generator: torch.Generator | None = None,
+) -> LoRANetwork:
+    """Build the LoRA network (not yet applied: call `apply_to`). `network_dim` None → 4; `network_alpha` None → 1,
+    0 → rank. `text_encoders` is [clip_l, t5xxl] (either may be None). `generator` drives the init of `lora_down`."""
+    args = network_args if isinstance(network_args, NetworkArgs) else parse_network_args(network_args, network_dropout=neuron_dropout)
+    dim = 4 if network_dim is None else int(network_dim)
+    alpha = 1.0 if network_alpha is None else float(network_alpha)
+    if dim <= 0:
+        raise ConfigError(f"--network_dim {network_dim}: the rank must be a positive whole number", key="network_dim")
+    if alpha < 0:
+        raise ConfigError(f"--network_alpha {network_alpha}: alpha must be ≥ 0 (0 means alpha = rank)", key="network_alpha")
+    if train_unet and flux is not None:
+        check_block_indices(flux, args)
+    targets = all_targets(flux, text_encoders, train_unet=train_unet, train_text_encoder=train_text_encoder,
+                          train_t5xxl=args.train_t5xxl)
+    ranks = {t.name: plan_rank(t, dim, args) for t in targets}
+    loras = _build(targets, ranks, {t.name: alpha for t in targets}, args, multiplier=multiplier, generator=generator)
+    logger.info("LoRA network: %d modules, rank %d, alpha %g%s", len(loras), dim, alpha,
+                ", split qkv" if args.split_qkv else "")
+    return LoRANetwork(loras, args, multiplier=multiplier, train_unet=train_unet, train_text_encoder=train_text_encoder)
+
+
+def create_network_from_weights(
+    multiplier: float,
+    file: str | Path | None,
+    flux: nn.Module | None,
+    text_encoders: Sequence[nn.Module | None] = (),
+    *,
+    network_args: Sequence[str] | Mapping[str, object] | NetworkArgs | None = None,
+    neuron_dropout: float | None = None,
+    train_unet: bool = True,
+    train_text_encoder: bool = True,
+    weights_sd: Mapping[str, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
+    """`--dim_from_weights`: one module per LoRA in the file, with the file's rank and alpha; dropouts, LoRA+, GGPO,
+    reg LRs and split_qkv still come from `network_args` (rank-shaping args are ignored, with a warning). T5 modules
+    exist iff the file has `lora_te3_` keys. Weights are not loaded here: call `load_weights` / `load_lora_state_dict`."""
+    args = network_args if isinstance(network_args, NetworkArgs) else parse_network_args(network_args, network_dropout=neuron_dropout)
+    if weights_sd is None:
+        if file is None:
+            raise ConfigError("--dim_from_weights needs --network_weights <file>", key="dim_from_weights")
+        weights_sd, _ = read_lora(file, flag="--network_weights")
+    shaping = [k for k in ("in_dims", "train_double_block_indices", "train_single_block_indices", "train_blocks",
+                           "network_reg_dims", *args.type_dims) if k in args.raw]
+    if shaping:
+        logger.warning("--dim_from_weights: the file sets every rank, so network_args %s are ignored", ", ".join(shaping))
+    dims: dict[str, int] = {}
+    alphas: dict[str, float | None] = {}
+    for key, value in weights_sd.items():
+        name, _, suffix = key.partition(".")
+        if suffix == "lora_down.weight":
+            dims[name] = int(value.shape[0])
+        elif suffix == "alpha":
+            alphas[name] = float(value.float())
+    has_t5 = any(n.startswith("lora_te3_") for n in dims)
+    targets = all_targets(flux, text_encoders, train_unet=train_unet, train_text_encoder=train_text_encoder,
+                          train_t5xxl=has_t5)
+    loras = _build(targets, dims, alphas, args, multiplier=multiplier, generator=generator, split_divides=True)
+    network = LoRANetwork(loras, args, multiplier=multiplier, train_unet=train_unet, train_text_encoder=train_text_encoder)
+    logger.info("LoRA network from weights: %d modules", len(loras))
+    return network, dict(weights_sd)
