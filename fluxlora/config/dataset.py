@@ -86,7 +86,8 @@ _FLAG_NAMES = {"batch_size": "train_batch_size"}
 _EXPECTED = {
     "bool": "true or false", "int": "an integer", "pos_int": "an integer >= 1", "nonneg_int": "an integer >= 0",
     "float": "a number", "nonneg_float": "a number >= 0", "fraction": "a number between 0 and 1",
-    "str": "a string", "path": "a path string", "table": "a table", "interpolation": "one of " + ", ".join(INTERPOLATIONS),
+    "str": "a string", "path": "a path string", "table": "a table",
+    "interpolation": "one of " + ", ".join(INTERPOLATIONS),
     "resolution": "an integer or [width, height]", "range": "[low, high] numbers",
 }
 
@@ -328,11 +329,12 @@ def _read_table(table: Any, level: str, where: str, problems: _Problems) -> dict
     return out
 
 
-def _parse_file(path: Path, problems: _Problems) -> dict[str, Any]:
+def _parse_file(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise DatasetError(f"{path}: cannot read the dataset config ({e.strerror}); check --dataset_config", path=path) from e
+        raise DatasetError(f"{path}: cannot read the dataset config ({e.strerror}); check --dataset_config",
+                           path=path) from e
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -378,7 +380,7 @@ def load_dataset_config(path: Path, defaults: DatasetDefaults) -> DatasetBluepri
     """
     path = Path(path)
     problems = _Problems(str(path))
-    data = _parse_file(path, problems)
+    data = _parse_file(path)
     for top in data:
         if top == "validation":
             problems.add("validation", "there is no [validation] table (the guide is wrong); set validation_split = "
@@ -527,7 +529,9 @@ def _build_subset(where: str, table: dict[str, Any], res: _Resolver, problems: _
         problems.add(f"{where}.image_dir", "required: the folder with this subset's images (or metadata_file for "
                      "a fine-tuning subset)")
     if image_dir is not None and not image_dir.is_dir():
-        problems.add(f"{where}.image_dir", f"folder {str(image_dir)!r} does not exist; fix the path")
+        what = "is not a folder" if image_dir.exists() else "does not exist"
+        hint = "" if image_dir.is_absolute() else " (relative paths start from the current directory, as in sd-scripts)"
+        problems.add(f"{where}.image_dir", f"folder {str(image_dir)!r} {what}; fix the path{hint}")
     if metadata_file is not None:
         if metadata_file.suffix.lower() not in (".json", ".jsonl"):
             problems.add(f"{where}.metadata_file", "must be a .json or .jsonl file")

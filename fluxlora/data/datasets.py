@@ -347,7 +347,8 @@ def _find_image(key: str, image_dir: Path | None) -> Path | None:
     candidates = [Path(key)]
     if image_dir is not None:
         candidates.append(image_dir / key)
-        candidates.extend(image_dir / (key + ext) for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS))
+        extensions = IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS)
+        candidates.extend(image_dir / (key + ext) for ext in extensions)
     return next((c for c in candidates if c.is_file()), None)
 
 

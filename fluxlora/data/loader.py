@@ -63,10 +63,18 @@ class StepClock:
 
 class EpochSampler(Sampler[BatchSpec]):
     """Yields the batch specs of the current epoch from `start_batch` on; `set_epoch` moves it on (the same
-    DataLoader, and so persistent workers, serve every epoch)."""
+    DataLoader, and so persistent workers, serve every epoch).
 
-    def __init__(self, data: TrainingData, seed: int, split: Split = "train") -> None:
+    With `num_processes` > 1, process p takes batches p, p + n, p + 2n, ... of the epoch list, padded by
+    wrapping around so every process gets the same count (a short rank would stall DDP).
+    """
+
+    def __init__(self, data: TrainingData, seed: int, split: Split = "train", *, num_processes: int = 1,
+                 process_index: int = 0) -> None:
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index {process_index} is outside 0..{num_processes - 1}")
         self.data, self.seed, self.split = data, seed, split
+        self.num_processes, self.process_index = num_processes, process_index
         self.epoch, self.start_batch = 1, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -77,12 +85,21 @@ class EpochSampler(Sampler[BatchSpec]):
             return self.data.validation_batches()
         return self.data.epoch_batches(self.seed, self.epoch)
 
+    def _mine(self, batches: list[BatchSpec]) -> list[BatchSpec]:
+        n = self.num_processes
+        if n > 1 and batches:
+            padded = batches + batches[: (-len(batches)) % n]
+            batches = padded[self.process_index :: n]
+            return batches[math.ceil(self.start_batch / n) :]
+        return batches[self.start_batch :]
+
     def __iter__(self) -> Iterator[BatchSpec]:
-        yield from self.batches()[self.start_batch :]
+        yield from self._mine(self.batches())
 
     def __len__(self) -> int:
         total = self.data.num_batches_per_epoch if self.split == "train" else len(self.data.validation_batches())
-        return max(total - self.start_batch, 0)
+        n = self.num_processes
+        return max(math.ceil(total / n) - math.ceil(self.start_batch / n), 0)
 
 
 class BatchDataset(Dataset):
@@ -223,16 +240,19 @@ def make_dataloader(
     text_cache: TextSource | None = None,
     gradient_accumulation_steps: int = 1,
     num_processes: int = 1,
+    process_index: int = 0,
     max_train_steps: int = 0,
 ) -> DataLoader:
     """A DataLoader yielding whole batches of 1-based `epoch`, from batch `start_batch` on.
 
+    `start_batch` counts batches of the whole epoch list (all processes). With several processes pass
+    `num_processes`/`process_index` and do not let accelerate re-shard this loader (it is already sharded).
     `num_workers` is capped by the CPU count (sd-scripts' `--max_data_loader_n_workers`); with
     `persistent_workers` keep the loader and call `set_epoch(loader, epoch)` for the next epoch.
     `max_train_steps` converts a fractional `token_warmup_step` into steps.
     """
     num_workers = max(0, min(num_workers, os.cpu_count() or 1))
-    sampler = EpochSampler(data, seed, split)
+    sampler = EpochSampler(data, seed, split, num_processes=num_processes, process_index=process_index)
     sampler.set_epoch(epoch, start_batch)
     clock = StepClock(data.num_batches_per_epoch, gradient_accumulation_steps, num_processes)
     dataset = BatchDataset(data, seed=seed, split=split, latent_cache=latent_cache, text_cache=text_cache,

@@ -242,3 +242,16 @@ def test_real_caches_match_the_uncached_path(tmp_path: Path) -> None:
         # same flip decision and crop: the cached latent is the encoding of the uncached pixels
         assert torch.allclose(c["latents"], _fake_encode(u["images"]), atol=1e-5)
         assert c["text"]["clip_pooled"][:, 0].tolist() == [float(len(cap)) for cap in c["captions"]]
+
+
+def test_process_shards_cover_the_epoch_evenly(tmp_path: Path) -> None:
+    data = small_data(tmp_path, n=7, bs=1)  # 7 batches over 3 processes: 3 each after wrapping 2 around
+    full = [b.index for b in make_dataloader(data, 1, seed=0).sampler]
+    shards = [[b.index for b in make_dataloader(data, 1, seed=0, num_processes=3, process_index=p).sampler]
+              for p in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    assert set(full) == {i for s in shards for i in s}
+    assert shards[0] == full[0::3] and shards[1] == full[1::3] + [full[0]]
+    # resuming at global batch 3 skips the first round on every process
+    resumed = make_dataloader(data, 1, seed=0, num_processes=3, process_index=1, start_batch=3)
+    assert [b.index for b in resumed.sampler] == shards[1][1:] and len(resumed) == 2
