@@ -1,0 +1,67 @@
+"""`convert_flux_lora.py`: convert LoRA files between sd-scripts, diffusers, PEFT and ai-toolkit (spec §10.2).
+
+Unlike sd-scripts (§12.34) every direction works, text-encoder and input-layer LoRAs are kept, and a key that maps
+to nothing is an error unless `--drop_unmapped`. The conversion goes through the sd-scripts form; the maths of
+each step is in `fluxlora.network.formats`. The width of single-block `linear1` is read from the LoRA itself
+(its down's input features), so tiny and full-size files convert alike; `--hidden_size` only cross-checks it
+(or sizes an absent `proj_mlp` part). Metadata is copied unchanged; tensors keep their dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from fluxlora.errors import CheckpointError, ConfigError, FluxLoraError
+from fluxlora.files import save_safetensors
+from fluxlora.models.checkpoints import load_tensors, read_header
+from fluxlora.network.formats import detect_lora_format, from_kohya, to_kohya
+
+logger = logging.getLogger(__name__)
+
+# CLI name -> formats.py name. ai-toolkit and diffusers share one naming; PEFT drops the `transformer.` prefix.
+FORMAT_NAMES = {"sd-scripts": "kohya", "diffusers": "diffusers", "ai-toolkit": "ai-toolkit", "peft": "peft"}
+_DIFFUSERS_LIKE = ("diffusers", "ai-toolkit", "peft")
+
+
+def convert(args: argparse.Namespace) -> None:
+    if args.src_path is None or args.dst_path is None:
+        missing = "--src_path" if args.src_path is None else "--dst_path"
+        raise ConfigError(f"{missing} is required", key=missing)
+    header = read_header(args.src_path, flag="--src_path")
+    src, dst = FORMAT_NAMES[args.src], FORMAT_NAMES[args.dst]
+    try:
+        found = detect_lora_format(header.tensors, header.metadata)
+        same_family = found == src or (found in _DIFFUSERS_LIKE and src in _DIFFUSERS_LIKE)
+        if not same_family:
+            shown = {v: k for k, v in FORMAT_NAMES.items()}[found]
+            raise ConfigError(f"the file is in {shown} format but --src is {args.src}; pass --src {shown}", key="--src")
+        tensors = load_tensors(header)
+        kohya = to_kohya(tensors, found, hidden_size=args.hidden_size, drop_unmapped=args.drop_unmapped)
+        out = from_kohya(kohya, dst, hidden_size=args.hidden_size)
+    except FluxLoraError as err:
+        raise type(err)(f"--src_path {header.path}: {err}", path=header.path, key=err.key) from None
+    if not out:
+        raise CheckpointError(f"--src_path {header.path}: nothing left to write after conversion", path=header.path)
+    save_safetensors(args.dst_path, out, header.metadata)
+    logger.info("converted %s (%s, %d tensors) -> %s (%s, %d tensors)", header.path, args.src, len(tensors),
+                args.dst_path, args.dst, len(out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert_flux_lora.py", description=__doc__.split("\n")[0])
+    choices = list(FORMAT_NAMES)
+    p.add_argument("--src", default="ai-toolkit", choices=choices, help="source format (default ai-toolkit)")
+    p.add_argument("--dst", default="sd-scripts", choices=choices, help="destination format (default sd-scripts)")
+    p.add_argument("--src_path", default=None, help="source LoRA file (.safetensors)")
+    p.add_argument("--dst_path", default=None, help="destination LoRA file (.safetensors)")
+    p.add_argument("--drop_unmapped", action="store_true",
+                   help="(fluxlora) drop keys that map to no module instead of failing")
+    p.add_argument("--hidden_size", type=int, default=None,
+                   help="(fluxlora) FLUX width check; normally read from the LoRA's shapes")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    convert(build_parser().parse_args(argv))
+    return 0
