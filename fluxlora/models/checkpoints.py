@@ -193,14 +193,16 @@ def detect_kind(keys: Iterable[str]) -> ModelKind:
     return ModelKind.UNKNOWN
 
 
-def require_kind(header: SafetensorsHeader, expected: ModelKind | tuple[ModelKind, ...], *, flag: str) -> ModelKind:
+def require_kind(header: SafetensorsHeader, expected: ModelKind | tuple[ModelKind, ...], *,
+                 flag: str | None) -> ModelKind:
     """Fail with a clear message when a file of another kind was given for a role (e.g. the AE as --clip_l)."""
     expected = expected if isinstance(expected, tuple) else (expected,)
     kind = detect_kind(header.tensors)
     if kind not in expected:
         want = " or ".join(KIND_DESCRIPTIONS[k] for k in expected)
+        where = f"{flag} " if flag else ""
         raise CheckpointError(
-            f"{flag} {header.path}: this file is {KIND_DESCRIPTIONS[kind]}, but {flag} expects {want}; "
+            f"{where}{header.path}: this file is {KIND_DESCRIPTIONS[kind]}, but {flag or 'this role'} expects {want}; "
             "check which file you passed to which flag",
             path=header.path, key=flag,
         )
