@@ -209,3 +209,21 @@ def test_sum_merge_of_equal_ranks(h, write, tmp_path):
     d = 1.5 ** 0.5 * a["lora_unet_img_in.lora_down.weight"] + 2 * b["lora_unet_img_in.lora_down.weight"]
     u = 1.5 ** 0.5 * a["lora_unet_img_in.lora_up.weight"]
     torch.testing.assert_close(effective_deltas(merged)["lora_unet_img_in"], u @ d, rtol=2e-2, atol=2e-2)
+
+
+def test_streaming_writer_reads_back_with_safetensors(tmp_path):
+    from fluxlora.models.checkpoints import read_header
+    from fluxlora.tools.merge import save_streaming
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16), "a.alpha": torch.tensor(2.0),
+               "c": torch.randn(7, generator=g).to(torch.float8_e4m3fn), "d": torch.arange(5, dtype=torch.int64),
+               "e": torch.randn(2, 2, generator=g).t()}  # non-contiguous
+    path = tmp_path / "s.safetensors"
+    save_streaming(path, tensors, {"k": "v"})
+    got = load_file(str(path))
+    assert set(got) == set(tensors)
+    for key, value in tensors.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8))
+    assert _meta(path) == {"k": "v"}
+    assert read_header(path).data_start % 8 == 0
