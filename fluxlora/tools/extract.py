@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from fluxlora.errors import CheckpointError, ConfigError
-from fluxlora.files import save_safetensors
 from fluxlora.models.checkpoints import ModelKind, read_header, require_kind, strip_prefix
 from fluxlora.network.formats import LoraModule, kohya_name, write_kohya
-from fluxlora.tools.merge import modelspec, parse_precision, sshs_hashes
+from fluxlora.network.saving import save_lora
+from fluxlora.tools.merge import lora_modelspec, parse_precision
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +109,8 @@ def extract(args: argparse.Namespace) -> None:
     }
     if not args.no_metadata:
         schnell = "guidance_in.in_layer.weight" not in tuned_keys
-        metadata.update(modelspec("flux-1-schnell/lora" if schnell else "flux-1-dev/lora", Path(args.save_to).stem))
-    metadata.update(sshs_hashes(tensors, metadata))
-    save_safetensors(args.save_to, tensors, metadata)
+        metadata.update(lora_modelspec("schnell" if schnell else "dev", Path(args.save_to).stem))
+    save_lora(args.save_to, tensors, metadata)  # adds sshs_model_hash / sshs_legacy_hash
     logger.info("extracted %d module(s) at rank %s -> %s", len(modules), rank or "varying", args.save_to)
 
 

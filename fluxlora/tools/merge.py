@@ -25,21 +25,19 @@ is scaled with the rank (`α_base·rank_total/r_base`), so the result is exactly
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import logging
 import math
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from fluxlora.errors import CheckpointError, ConfigError, FluxLoraError
-from fluxlora.files import atomic_write, save_safetensors
+from fluxlora.files import atomic_write
 from fluxlora.models.checkpoints import DTYPES, ModelKind, SafetensorsHeader, load_tensors, read_header, require_kind, strip_prefix
 from fluxlora.network.formats import KOHYA_PREFIXES, LoraModule, detect_lora_format, read_kohya, to_kohya, write_kohya
+from fluxlora.network.saving import modelspec, save_lora
 
 logger = logging.getLogger(__name__)
 
@@ -64,32 +62,17 @@ def parse_precision(value: str | None, flag: str, *, allow_fp8: bool = True) -> 
     return dtype
 
 
-def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
-    """sd-scripts' `sshs_model_hash` / `sshs_legacy_hash`, computed on a serialisation with only the ss_* metadata."""
-    from safetensors.torch import save
-
-    ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=ss or None)
-    header_len = int.from_bytes(data[:8], "little")
-    buf = io.BytesIO(data)
-    buf.seek(0x100000)
-    return {"sshs_model_hash": hashlib.sha256(data[8 + header_len:]).hexdigest(),
-            "sshs_legacy_hash": hashlib.sha256(buf.read(0x10000)).hexdigest()[:8]}
-
-
-def modelspec(architecture: str, title: str, *, merged_from: str | None = None) -> dict[str, str]:
-    """ModelSpec 1.0.1 keys for a FLUX file (spec §6.3)."""
-    meta = {
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": architecture,
-        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
-        "modelspec.title": title,
-        "modelspec.resolution": "1024x1024",
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    if merged_from:
-        meta["modelspec.merged_from"] = merged_from
+def model_modelspec(variant: str, title: str, *, merged_from: str | None = None) -> dict[str, str]:
+    """ModelSpec 1.0.1 keys for a merged FLUX model file (`flux-1-dev` / `flux-1-schnell`, spec §6.3)."""
+    meta = lora_modelspec(variant, title, merged_from=merged_from)
+    meta["modelspec.architecture"] = meta["modelspec.architecture"].removesuffix("/lora")
     return meta
+
+
+def lora_modelspec(variant: str, title: str, *, merged_from: str | None = None) -> dict[str, str]:
+    """ModelSpec keys for a LoRA written by a tool (the network's own builder, so trainer and tools agree)."""
+    info = {"model_variant": variant, "metadata_title": title, "metadata_merged_from": merged_from}
+    return modelspec(info)
 
 
 def load_lora(path: str | Path, flag: str = "--models", *, hidden_size: int | None = None,
@@ -184,8 +167,8 @@ def merge_into_models(args: argparse.Namespace, ratios: list[float]) -> None:
             if prefix == "lora_unet":
                 stripped = strip_prefix(header.tensors)
                 schnell = "guidance_in.in_layer.weight" not in stripped.values()
-                metadata.update(modelspec("flux-1-schnell" if schnell else "flux-1-dev", "Merged model",
-                                          merged_from=merged_from))
+                metadata.update(model_modelspec("schnell" if schnell else "dev", "Merged model",
+                                                merged_from=merged_from))
         out = Path(getattr(args, save_flag[2:]))
         save_streaming(out, tensors, metadata)
         logger.info("merged %d module(s) into %s -> %s", len(plan[prefix]), header.path, out)
@@ -283,11 +266,10 @@ def merge_loras(args: argparse.Namespace, ratios: list[float]) -> None:
         "ss_merged_from": merged_from,
     }
     archs = {meta.get("modelspec.architecture") for _, _, _, meta in loras}
-    arch = "flux-1-schnell/lora" if archs == {"flux-1-schnell/lora"} else "flux-1-dev/lora"
+    variant = "schnell" if archs == {"flux-1-schnell/lora"} else "dev"
     if not args.no_metadata:
-        metadata.update(modelspec(arch, Path(args.save_to).stem, merged_from=merged_from))
-    metadata.update(sshs_hashes(tensors, metadata))
-    save_safetensors(args.save_to, tensors, metadata)
+        metadata.update(lora_modelspec(variant, Path(args.save_to).stem, merged_from=merged_from))
+    save_lora(args.save_to, tensors, metadata)  # adds sshs_model_hash / sshs_legacy_hash
     logger.info("merged %d LoRA(s), %d module(s) -> %s", len(loras), len(result), args.save_to)
 
 
