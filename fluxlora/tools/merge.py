@@ -76,15 +76,20 @@ def lora_modelspec(variant: str, title: str, *, merged_from: str | None = None) 
 
 
 def load_lora(path: str | Path, flag: str = "--models", *, hidden_size: int | None = None,
-              ) -> tuple[dict[str, LoraModule], dict[str, str]]:
-    """Read a LoRA file in any supported format as kohya modules (pickles are refused), plus its metadata."""
+              ignore_unmatched: bool = False) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    """Read a LoRA file in any supported format as kohya modules (pickles are refused), plus its metadata.
+
+    Keys that name no FLUX / CLIP-L / T5 Linear are an error, or dropped with a warning when `ignore_unmatched`.
+    """
     header = read_header(path, flag=flag)
     try:
         fmt = detect_lora_format(header.tensors, header.metadata)
-        sd = to_kohya(load_tensors(header), fmt, hidden_size=hidden_size)
+        sd = to_kohya(load_tensors(header), fmt, hidden_size=hidden_size, drop_unmapped=ignore_unmatched)
         return read_kohya(sd), header.metadata
     except FluxLoraError as err:
-        raise CheckpointError(f"{flag} {header.path}: {err}", path=header.path, key=err.key) from None
+        # formats.py names the convert flag; here the same switch is --ignore_unmatched
+        message = str(err).replace("--drop_unmapped to convert", "--ignore_unmatched to merge")
+        raise CheckpointError(f"{flag} {header.path}: {message}", path=header.path, key=err.key) from None
 
 
 def _title(path: Path, metadata: Mapping[str, str]) -> str:
@@ -111,7 +116,8 @@ _BASES = (  # (lora prefix, model flag, save flag, kinds)
 def merge_into_models(args: argparse.Namespace, ratios: list[float]) -> None:
     merge_dtype = parse_precision(args.precision, "--precision", allow_fp8=False)
     save_dtype = parse_precision(args.save_precision, "--save_precision")
-    loras = [(Path(p), r, *load_lora(p)) for p, r in zip(args.models, ratios, strict=True)]
+    loras = [(Path(p), r, *load_lora(p, ignore_unmatched=args.ignore_unmatched))
+             for p, r in zip(args.models, ratios, strict=True)]
     bases = {}
     for prefix, flag, save_flag, kinds in _BASES:
         path = getattr(args, flag[2:])

@@ -127,6 +127,11 @@ def test_unmatched_modules_are_an_error_unless_ignored(h, write, tmp_path):
     with pytest.raises(CheckpointError, match="1 LoRA module.*lora_unet_double_blocks_3_img_attn_proj"):
         main(["--flux_model", str(paths[0]), "--models", str(paths[1]), "--save_to", str(out)])
     assert not out.exists()
+    not_linear = write("n.safetensors", lora | {"lora_unet_final_layer_norm.lora_down.weight": torch.ones(2, 4),
+                                                 "lora_unet_final_layer_norm.lora_up.weight": torch.ones(4, 2)})
+    with pytest.raises(CheckpointError, match="lora_unet_final_layer_norm.*--ignore_unmatched"):
+        main(["--flux_model", str(paths[0]), "--models", str(not_linear), "--save_to", str(out)])
+    paths = paths[0], not_linear
     main(["--flux_model", str(paths[0]), "--models", str(paths[1]), "--save_to", str(out), "--ignore_unmatched"])
     key = "double_blocks.0.img_attn.proj.weight"
     torch.testing.assert_close(load_file(str(out))[key], _hand_merge(base, lora, "lora_unet", 1.0)[key])
@@ -227,3 +232,24 @@ def test_streaming_writer_reads_back_with_safetensors(tmp_path):
         assert got[key].dtype == value.dtype and torch.equal(got[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8))
     assert _meta(path) == {"k": "v"}
     assert read_header(path).data_start % 8 == 0
+
+
+def test_tiny_real_format_checkpoints_every_linear(tiny_ckpts, h, write, tmp_path):
+    """The shared tiny FLUX / CLIP-L / T5 files: a LoRA on every 2-D weight of all three merges like the hand merge."""
+    bases = {"lora_unet": load_file(str(tiny_ckpts.flux_dev)), "lora_te1": load_file(str(tiny_ckpts.clip_l)),
+             "lora_te3": load_file(str(tiny_ckpts.t5xxl))}
+    lora: dict[str, torch.Tensor] = {}
+    for i, (prefix, sd) in enumerate(bases.items()):
+        keys = [k for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2 and "embed" not in k
+                and "relative_attention_bias" not in k and k.startswith(("double_blocks", "single_blocks", "text_model.encoder", "encoder.block"))]
+        lora |= h.make_lora(sd, keys, prefix, rank=2, alpha=0.5, seed=10 + i)
+    outs = [tmp_path / f"{n}.safetensors" for n in ("flux", "clip", "t5")]
+    main(["--flux_model", str(tiny_ckpts.flux_dev), "--clip_l", str(tiny_ckpts.clip_l), "--t5xxl", str(tiny_ckpts.t5xxl),
+          "--models", str(write("all.safetensors", lora)), "--ratios", "0.9", "--save_to", str(outs[0]),
+          "--clip_l_save_to", str(outs[1]), "--t5xxl_save_to", str(outs[2])])
+    for out, (prefix, sd) in zip(outs, bases.items(), strict=True):
+        got, expected = load_file(str(out)), _hand_merge(sd, lora, prefix, 0.9)
+        assert set(got) == set(sd) and sum(not torch.equal(got[k], sd[k]) for k in sd) > 5
+        for key in sd:
+            assert got[key].dtype == sd[key].dtype
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
