@@ -42,7 +42,7 @@ def run_command(target: str, argv: list[str]) -> int:
         return int(func(argv) or 0)
     except FluxLoraError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return int(getattr(err, "exit_code", 2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ batch index), so the counters are enough to continue the data stream at the exac
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -92,6 +93,9 @@ def save_state(
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; state folders get the usual permissions
     try:
         save_safetensors(tmp / "network.safetensors", {k: v.detach().float() if v.is_floating_point() else v
                                                        for k, v in network_params.items()})

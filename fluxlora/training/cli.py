@@ -1,0 +1,85 @@
+"""`fluxlora train | check | cache` and `flux_train_network.py`: flags -> config -> preflight -> run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from fluxlora.config.config_file import maybe_write_output_config
+from fluxlora.config.defaults import describe_differences
+from fluxlora.config.train_config import TrainConfig, parse_train_config
+from fluxlora.errors import FluxLoraError
+from fluxlora.training.preflight import Preflight, run_preflight
+
+logger = logging.getLogger(__name__)
+
+
+def _configure_logging(cfg: TrainConfig) -> None:
+    level = (cfg.logging.console_log_level or "INFO").upper()
+    fmt = "%(message)s" if cfg.logging.console_log_simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if cfg.logging.console_log_file:
+        handlers.append(logging.FileHandler(cfg.logging.console_log_file, encoding="utf-8"))
+    logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
+
+
+def prepare(argv: list[str]) -> tuple[TrainConfig, Preflight] | None:
+    """Parse and check everything that needs no weights; None when --output_config wrote a file."""
+    written = maybe_write_output_config(argv)
+    if written is not None:
+        print(f"wrote {written}")
+        return None
+    cfg = parse_train_config(argv)
+    _configure_logging(cfg)
+    block = describe_differences(cfg)
+    if block:
+        logger.info("%s", block)
+    return cfg, run_preflight(cfg)
+
+
+def train(argv: list[str]):
+    """Run a whole training from command-line flags; returns the TrainResult (None for --output_config)."""
+    prepared = prepare(argv)
+    if prepared is None:
+        return None
+    cfg, pre = prepared
+    if cfg.training.dry_run:
+        print(f"--dry_run: checks passed; {pre.summary()}")
+        return None
+    from fluxlora.training.setup import build_run
+    from fluxlora.training.trainer import Trainer
+
+    cfg.saving.output_dir.mkdir(parents=True, exist_ok=True)
+    result = Trainer(build_run(cfg, pre)).train()
+    print(f"done: {result.global_step} steps; LoRA saved to {result.final_lora}")
+    return result
+
+
+def main(argv: list[str]) -> int:
+    try:
+        train(argv)
+    except FluxLoraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return int(getattr(err, "exit_code", 2))
+    return 0
+
+
+def check_main(argv: list[str]) -> int:
+    """`fluxlora check <training flags>`: every check that needs no weights, then a summary."""
+    prepared = prepare(argv)
+    if prepared is not None:
+        print(f"ok: {prepared[1].summary()}")
+    return 0
+
+
+def cache_main(argv: list[str]) -> int:
+    """`fluxlora cache <training flags>`: fill the latent / text-encoder caches and stop."""
+    prepared = prepare(argv)
+    if prepared is None:
+        return 0
+    cfg, pre = prepared
+    from fluxlora.training.setup import build_run
+
+    build_run(cfg, pre)
+    print("caches are ready")
+    return 0

@@ -1,0 +1,189 @@
+"""Build a `Run` from a validated config and its preflight: load models, create and attach the LoRA, build the
+optimizer and scheduler, fill the caches, and restore a `--resume` state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fluxlora.config.train_config import TrainConfig
+from fluxlora.data.caches import file_fingerprint
+from fluxlora.data.loader import StepClock
+from fluxlora.errors import ConfigError
+from fluxlora.network.lora import create_network, create_network_from_weights
+from fluxlora.training.components import latent_encoder, load_models, precision_for, text_encoder
+from fluxlora.training.metadata import RunFacts
+from fluxlora.training.optim import build_optimizer, parse_kv_args, parse_optimizer_args, required_scheduler
+from fluxlora.training.outputs import OutputNames, save_every_n_epochs
+from fluxlora.training.preflight import Preflight
+from fluxlora.training.run import Run
+from fluxlora.training.schedulers import build_scheduler
+from fluxlora.training.state import TrainCounters, fingerprint_differences, load_state, restore_rng
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    from accelerate import Accelerator
+
+    kwargs: dict[str, Any] = {}
+    if cfg.logging.log_with:
+        kwargs["log_with"] = cfg.logging.log_with
+        kwargs["project_dir"] = str(cfg.logging.logging_dir) if cfg.logging.logging_dir else None
+    return Accelerator(**kwargs)
+
+
+def run_fingerprint(cfg: TrainConfig, pre: Preflight) -> dict[str, Any]:
+    """Settings that, changed, would make a resumed run a different run (refused without --resume_force)."""
+    n, o, d = cfg.network, cfg.optim, pre.data
+    return {
+        "network_dim": n.network_dim, "network_alpha": n.network_alpha, "network_args": list(n.network_args),
+        "network_train_unet_only": n.network_train_unet_only,
+        "network_train_text_encoder_only": n.network_train_text_encoder_only,
+        "optimizer_type": o.optimizer_type, "optimizer_args": list(o.optimizer_args),
+        "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps, "seed": pre.seed,
+        "model_variant": pre.flux_info.variant,
+        "dataset": {"train_images": d.num_train_images, "reg_images": d.num_reg_images,
+                    "batches_per_epoch": d.num_batches_per_epoch},
+    }
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_run(cfg: TrainConfig, pre: Preflight) -> Run:
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    precision = precision_for(cfg)
+    if precision.compute == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--mixed_precision bf16: this GPU has no bfloat16 support; use --mixed_precision fp16 "
+                          "(with care: FLUX can overflow in fp16) or a newer GPU", key="--mixed_precision")
+    _seed_everything(pre.seed)
+    n = cfg.network
+    train_unet = not n.network_train_text_encoder_only
+    train_te = not n.network_train_unet_only
+    te_cached = cfg.caching.cache_text_encoder_outputs
+    models = load_models(cfg, pre.flux_info, pre.t5_max_length, precision, device)
+
+    generator = torch.Generator().manual_seed(pre.seed)
+    te_list = [models.clip, models.t5]
+    if n.dim_from_weights:
+        network, _ = create_network_from_weights(1.0, n.network_weights, models.flux, te_list,
+                                                 network_args=list(n.network_args), neuron_dropout=n.network_dropout,
+                                                 train_unet=train_unet, train_text_encoder=train_te)
+    else:
+        network = create_network(1.0, n.network_dim, n.network_alpha, models.flux, te_list,
+                                 network_args=list(n.network_args), neuron_dropout=n.network_dropout,
+                                 train_unet=train_unet, train_text_encoder=train_te, generator=generator)
+    if n.network_weights is not None:
+        info = network.load_weights(n.network_weights)
+        logger.info("--network_weights: %d modules loaded from %s", info.loaded, n.network_weights)
+    network.to(device=device, dtype=precision.lora)
+    network.apply_to(models.flux, te_list)
+    network.train()
+    train_clip = any(m.component == "clip_l" for m in network.loras)
+    train_t5 = any(m.component == "t5xxl" for m in network.loras)
+
+    groups = network.prepare_optimizer_params(list(n.text_encoder_lr) or None, n.unet_lr, cfg.optim.learning_rate)
+    optimizer, description = build_optimizer(cfg.optim.optimizer_type, groups.groups,
+                                              learning_rate=cfg.optim.learning_rate,
+                                              optimizer_args=parse_optimizer_args(list(cfg.optim.optimizer_args)))
+
+    per_epoch = StepClock(pre.data.num_batches_per_epoch, cfg.training.gradient_accumulation_steps,
+                          accelerator.num_processes).steps_per_epoch
+    if cfg.training.max_train_epochs:
+        max_steps = cfg.training.max_train_epochs * per_epoch
+    else:
+        max_steps = cfg.training.max_train_steps
+    num_epochs = max(1, math.ceil(max_steps / per_epoch))
+    o = cfg.optim
+    scheduler = build_scheduler(
+        required_scheduler(optimizer) or o.lr_scheduler, optimizer, num_training_steps=max_steps,
+        num_warmup_steps=o.lr_warmup_steps, num_decay_steps=o.lr_decay_steps, num_cycles=o.lr_scheduler_num_cycles,
+        power=o.lr_scheduler_power, timescale=o.lr_scheduler_timescale, min_lr_ratio=o.lr_scheduler_min_lr_ratio,
+        scheduler_type=o.lr_scheduler_type, scheduler_args=parse_kv_args(list(o.lr_scheduler_args), "--lr_scheduler_args"),
+        initial_lr=o.learning_rate,
+    )
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision.mixed_precision == "fp16" else None
+
+    latent_cache = text_cache = None
+    c = cfg.caching
+    if c.cache_latents:
+        from fluxlora.data.latent_cache import build_latent_cache
+
+        latent_cache, stats = build_latent_cache(
+            pre.data.latent_items(), latent_encoder(models.ae, precision, device),
+            ae_fingerprint=f"{file_fingerprint(Path(cfg.model.ae))}:{precision.ae}", batch_size=c.vae_batch_size,
+            to_disk=c.cache_latents_to_disk, cache_dir=c.cache_dir, flip_aug=any(
+                s.flip_aug for d in pre.blueprint.datasets for s in d.subsets),
+            progress=accelerator.is_main_process, rank=accelerator.process_index,
+            world_size=accelerator.num_processes if c.cache_latents_to_disk else 1)
+        logger.info("latent cache: %s", stats)
+    if te_cached:
+        from fluxlora.data.text_cache import build_text_cache
+
+        te_fp = [file_fingerprint(Path(cfg.model.clip_l)), file_fingerprint(Path(cfg.model.t5xxl)), str(precision.weight)]
+        text_cache, stats = build_text_cache(
+            pre.data.text_items(), text_encoder(models, cfg.flow.apply_t5_attn_mask, precision, device),
+            te_fingerprint=te_fp, t5_max_length=pre.t5_max_length, apply_t5_attn_mask=cfg.flow.apply_t5_attn_mask,
+            batch_size=c.text_encoder_batch_size or cfg.dataset_flags.train_batch_size,
+            to_disk=c.cache_text_encoder_outputs_to_disk, cache_dir=c.cache_dir,
+            progress=accelerator.is_main_process, rank=accelerator.process_index,
+            world_size=accelerator.num_processes if c.cache_text_encoder_outputs_to_disk else 1)
+        logger.info("text-encoder cache: %s", stats)
+
+    facts = RunFacts(optimizer=description, num_epochs=num_epochs, max_train_steps=max_steps)
+    run = Run(cfg=cfg, pre=pre, accelerator=accelerator, device=device, precision=precision, models=models,
+              network=network, param_group_names=groups.names, optimizer=optimizer, scheduler=scheduler,
+              scaler=scaler, latent_cache=latent_cache, text_cache=text_cache,
+              names=OutputNames(cfg.saving.output_dir, cfg.saving.output_name), facts=facts,
+              max_train_steps=max_steps, num_epochs=num_epochs,
+              save_every_n_epochs=save_every_n_epochs(cfg.saving, num_epochs),
+              fingerprint=run_fingerprint(cfg, pre), train_clip=train_clip, train_t5=train_t5)
+    _start_position(run, per_epoch)
+    if cfg.logging.log_with:
+        accelerator.init_trackers(cfg.logging.log_tracker_name or "network_train",
+                                  config={k: str(v) for k, v in cfg.flat().items() if "api_key" not in k})
+    return run
+
+
+def _start_position(run: Run, per_epoch: int) -> None:
+    """Counters from --resume (exact) or --initial_step / --initial_epoch."""
+    cfg = run.cfg
+    accum = cfg.training.gradient_accumulation_steps
+    if cfg.saving.resume is not None:
+        state = load_state(cfg.saving.resume)
+        diffs = fingerprint_differences(state.fingerprint, run.fingerprint)
+        if diffs and not cfg.saving.resume_force:
+            raise ConfigError(f"--resume {cfg.saving.resume}: this run differs from the saved one in "
+                              + "; ".join(diffs) + " — resuming would not continue the same run; use the same "
+                              "settings or add --resume_force", path=cfg.saving.resume, key="--resume")
+        run.network.load_state_dict(state.network_params, strict=True)
+        run.optimizer.load_state_dict(state.optimizer)
+        run.scheduler.load_state_dict(state.scheduler)
+        if run.scaler is not None and state.scaler is not None:
+            run.scaler.load_state_dict(state.scaler)
+        restore_rng(state.rng)
+        run.counters = state.counters
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", cfg.saving.resume, run.counters.global_step,
+                    run.counters.epoch, run.counters.batch_in_epoch)
+    step = cfg.saving.initial_step
+    if step is None and cfg.saving.initial_epoch is not None:
+        step = (cfg.saving.initial_epoch - 1) * per_epoch
+    if step is not None:
+        # Data order is a pure function of (seed, epoch, batch): starting at a step skips exactly its batches.
+        run.counters = TrainCounters(epoch=step // per_epoch + 1, batch_in_epoch=(step % per_epoch) * accum,
+                                     global_step=step)
+    if run.counters.global_step >= run.max_train_steps:
+        raise ConfigError(f"the run starts at step {run.counters.global_step} but --max_train_steps/epochs ends at "
+                          f"{run.max_train_steps}; raise the total to train further", key="--max_train_steps")
