@@ -250,14 +250,12 @@ def test_diffusers_loads_our_file_like_a_hand_merge():
     the hand merge W += alpha/rank·up@down done on BFL weights and converted with the BFL->diffusers map."""
     from diffusers import FluxTransformer2DModel
 
-    from fluxlora.models.diffusers_keys import bfl_to_diffusers
+    from fluxlora.models.diffusers_keys import bfl_to_diffusers, diffusers_to_bfl
 
     torch.manual_seed(0)  # diffusers' model init uses the global RNG; the weights are overwritten below anyway
     model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
                                    num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8,
                                    guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
-    from fluxlora.models.diffusers_keys import diffusers_to_bfl
-
     bfl = {k: v.detach().clone() for k, v in diffusers_to_bfl(model.state_dict()).items()}
     g = torch.Generator().manual_seed(6)
     lora: dict[str, torch.Tensor] = {}
@@ -272,9 +270,9 @@ def test_diffusers_loads_our_file_like_a_hand_merge():
     model.fuse_lora(lora_scale=1.0)
     model.unload_lora()
     got = model.state_dict()
-    expected = bfl_to_diffusers(merged)
+    expected, before = bfl_to_diffusers(merged), bfl_to_diffusers(bfl)
     changed = 0
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
-        changed += not torch.equal(value, bfl_to_diffusers(bfl)[key])
+        changed += not torch.equal(value, before[key])
     assert changed >= 12  # every targeted Linear (incl. x_embedder, linear1 parts) really moved
