@@ -126,6 +126,11 @@ class LoRAModule(nn.Module):
         self.alpha.fill_(value)
         self.scale = value / self.lora_dim
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # Resume loads the alpha buffer through load_state_dict; the cached scale must follow it.
+        super()._load_from_state_dict(*args, **kwargs)
+        self.scale = float(self.alpha) / self.lora_dim
+
     def up_weights(self) -> list[Tensor]:
         return [self.lora_up.weight] if self.split_dims is None else [up.weight for up in self.lora_up]
 
@@ -228,8 +233,12 @@ class LoRAModule(nn.Module):
         combined = sqrt(org_norm² + rowsum((scale·up·down)²)); grad = rownorm(scale·(up·∂down + ∂up·down)).
         Both use the Gram identity (`gram_row_norms_sq`), so no [out, in] matrix is formed.
         """
-        if not (self.ggpo and self.training and self.org_norm is not None):
+        if not (self.ggpo and self.training):
             return
+        if self.org_norm is None:  # the network was built while the base weights were still on the meta device
+            if self.base.weight.device.type == "meta":
+                return
+            self.org_norm = self._mean_row_norm(self.base.weight)
         up, down = (t.float() for t in self.fused_factors())
         self.combined_norms = torch.sqrt(self.org_norm**2 + gram_row_norms_sq(up, down) * self.scale**2)
         grad_down = self.lora_down.weight.grad

@@ -14,7 +14,6 @@ import json
 import time
 from collections.abc import Mapping
 from datetime import datetime
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 

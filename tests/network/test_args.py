@@ -67,6 +67,7 @@ BAD = [
     ("module_dropout=-0.1", "module_dropout"),
     ("dropout=nan", "dropout"),
     ("ggpo_sigma=abc", "ggpo_sigma"),
+    ("ggpo_beta=-1", "ggpo_beta"),
     ("loraplus_lr_ratio=0", "loraplus_lr_ratio"),
     ("loraplus_unet_lr_ratio=-2", "loraplus_unet_lr_ratio"),
     ("loraplus_text_encoder_lr_ratio=inf", "loraplus_text_encoder_lr_ratio"),

@@ -65,6 +65,15 @@ def test_saved_file_has_kohya_keys_alpha_everywhere_and_reloads_with_file_alpha(
         torch.testing.assert_close(flux2(**flux_inputs()), flux(**flux_inputs()), rtol=0, atol=1e-6)
 
 
+def test_resume_state_dict_restores_alpha_and_scale() -> None:
+    _, _, network = trained(alpha=3.0, network_args=["split_qkv=True"])
+    other = create_network(1.0, 4, 1.0, small_flux(), [], network_args=["split_qkv=True"])
+    other.load_state_dict(network.state_dict())  # what accelerate's load_state does on --resume
+    assert all(m.scale == 0.75 for m in other.loras)
+    for a, b in zip(network.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16), ("float", torch.float32), (None, torch.float32)])
 def test_save_precision(tmp_path, precision, dtype) -> None:
     _, _, network = trained()
