@@ -200,22 +200,22 @@ def parse_prompt_table(table: Mapping[str, Any], *, where: str = "prompt") -> di
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, flag: str) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise ConfigError(f"{FLAG} {path}: file not found; check the path", path=path, key=FLAG) from None
+        raise ConfigError(f"{flag} {path}: file not found; check the path", path=path, key=flag) from None
     except IsADirectoryError:
-        raise ConfigError(f"{FLAG} {path}: is a folder; pass a .txt, .json or .toml prompt file",
-                          path=path, key=FLAG) from None
+        raise ConfigError(f"{flag} {path}: is a folder; pass a .txt, .json or .toml prompt file",
+                          path=path, key=flag) from None
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{FLAG} {path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8",
-                          path=path, key=FLAG) from None
+        raise ConfigError(f"{flag} {path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8",
+                          path=path, key=flag) from None
     except OSError as err:
-        raise ConfigError(f"{FLAG} {path}: cannot read ({err.strerror or err})", path=path, key=FLAG) from None
+        raise ConfigError(f"{flag} {path}: cannot read ({err.strerror or err})", path=path, key=flag) from None
 
 
-def _from_txt(path: Path, text: str) -> list[dict[str, Any]]:
+def _from_txt(path: Path, text: str, flag: str) -> list[dict[str, Any]]:
     items = []
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
@@ -224,15 +224,15 @@ def _from_txt(path: Path, text: str) -> list[dict[str, Any]]:
     return items
 
 
-def _from_json(path: Path, text: str) -> list[dict[str, Any]]:
+def _from_json(path: Path, text: str, flag: str) -> list[dict[str, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{FLAG} {path}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})",
-                          path=path, key=FLAG) from None
+        raise ConfigError(f"{flag} {path}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})",
+                          path=path, key=flag) from None
     if not isinstance(data, list):
-        raise ConfigError(f"{FLAG} {path}: the JSON must be a list of prompts (strings or objects), got "
-                          f"{type(data).__name__}", path=path, key=FLAG)
+        raise ConfigError(f"{flag} {path}: the JSON must be a list of prompts (strings or objects), got "
+                          f"{type(data).__name__}", path=path, key=flag)
     items = []
     for i, item in enumerate(data):
         where = f"{path}: item {i}"
@@ -242,24 +242,24 @@ def _from_json(path: Path, text: str) -> list[dict[str, Any]]:
             items.append(parse_prompt_table(item, where=where))
         else:
             raise ConfigError(f"{where}: expected a string or an object, got {type(item).__name__}",
-                              path=path, key=FLAG)
+                              path=path, key=flag)
     return items
 
 
-def _from_toml(path: Path, text: str) -> list[dict[str, Any]]:
+def _from_toml(path: Path, text: str, flag: str) -> list[dict[str, Any]]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{FLAG} {path}: invalid TOML ({err}); each key may appear only once per table",
-                          path=path, key=FLAG) from None
+        raise ConfigError(f"{flag} {path}: invalid TOML ({err}); each key may appear only once per table",
+                          path=path, key=flag) from None
     extra = sorted(set(data) - {"prompt"})
     if extra:
-        raise ConfigError(f"{FLAG} {path}: unknown top-level key(s) {extra}; put shared keys under [prompt] and each "
+        raise ConfigError(f"{flag} {path}: unknown top-level key(s) {extra}; put shared keys under [prompt] and each "
                           "image under [[prompt.subset]]", path=path, key=extra[0])
     table = data.get("prompt")
     subsets = table.get("subset") if isinstance(table, dict) else None
     if not isinstance(subsets, list) or not subsets or not all(isinstance(s, dict) for s in subsets):
-        raise ConfigError(f"{FLAG} {path}: needs a [prompt] table and at least one [[prompt.subset]] table "
+        raise ConfigError(f"{flag} {path}: needs a [prompt] table and at least one [[prompt.subset]] table "
                           "(one per image)", path=path, key="prompt.subset")
     shared = {k: v for k, v in table.items() if k != "subset"}
     # A subset's key overrides the shared one (sd-scripts raises a TypeError here, spec §12.28).
@@ -270,21 +270,23 @@ def _from_toml(path: Path, text: str) -> list[dict[str, Any]]:
 _READERS = {".txt": _from_txt, ".json": _from_json, ".toml": _from_toml}
 
 
-def load_prompt_file(path: str | Path, *, defaults: SamplePrompt | Mapping[str, Any] | None = None) -> list[SamplePrompt]:
+def load_prompt_file(path: str | Path, *, defaults: SamplePrompt | Mapping[str, Any] | None = None,
+                     flag: str = FLAG) -> list[SamplePrompt]:
     """Read a .txt / .json / .toml prompt file into SamplePrompts.
 
     Keys a prompt does not set come from `defaults` (a SamplePrompt or a field mapping; spec §8's 512×512, 20 steps,
     guidance 3.5, CFG 1.0 and a random seed when None). Sizes are rounded down to multiples of 16 (min 64).
+    `flag` names the option in error messages.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _READERS:
-        raise ConfigError(f"{FLAG} {path}: unknown prompt-file extension {path.suffix or '(none)'!r}; use .txt (one "
-                          "prompt per line), .json or .toml", path=path, key=FLAG)
-    items = _READERS[suffix](path, _read_text(path))
+        raise ConfigError(f"{flag} {path}: unknown prompt-file extension {path.suffix or '(none)'!r}; use .txt (one "
+                          "prompt per line), .json or .toml", path=path, key=flag)
+    items = _READERS[suffix](path, _read_text(path, flag), flag)
     if not items:
-        raise ConfigError(f"{FLAG} {path}: holds no prompts (empty lines and # comments are skipped); add at least "
-                          "one prompt", path=path, key=FLAG)
+        raise ConfigError(f"{flag} {path}: holds no prompts (empty lines and # comments are skipped); add at least "
+                          "one prompt", path=path, key=flag)
     return [make_prompt(item, defaults) for item in items]
 
 

@@ -1,0 +1,324 @@
+"""`flux_minimal_inference.py` / `fluxlora generate`: FLUX.1 images from the command line (flags of spec §10.4).
+
+    python flux_minimal_inference.py --ckpt_path flux1-dev.safetensors --clip_l clip_l.safetensors \
+        --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors --prompt "a cat" --lora_weights my.safetensors;0.8
+
+Steps default to 4 for schnell and 50 for dev; the T5 length is 256 / 512 likewise. Sizes are rounded up to
+multiples of 16 (as the latent grid of sd-scripts' script is), with a notice. `--from_file` runs a .txt/.json/.toml
+prompt file (the flags are its defaults) under one progress bar; `--interactive` reads prompts with the inline flags
+`--w --h --s --d --g --m <multipliers> --n <negative, or - for none> --c <cfg>`. Images go to
+`<output_dir>/<YYYYmmdd_HHMMSS>.png` (with `_NN` for batches, never overwriting), their settings in PNG text chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fluxlora.errors import ConfigError, FluxLoraError
+from fluxlora.inference.prompts import SamplePrompt, load_prompt_file, split_inline_flags
+from fluxlora.inference.sampler import EncodeFn, generate_images, save_png
+
+logger = logging.getLogger(__name__)
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2, "float8_e5m2": torch.float8_e5m2,
+}
+DEFAULT_STEPS = {"dev": 50, "schnell": 4}
+
+
+# ---------------------------------------------------------------------------------------- flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flux_minimal_inference.py", description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt_path", type=str, required=True, help="FLUX.1 dev or schnell transformer (BFL or diffusers)")
+    p.add_argument("--model_type", type=str, default="flux", choices=["flux", "chroma"],
+                   help="flux (chroma is not supported)")
+    p.add_argument("--clip_l", type=str, help="CLIP-L text encoder (clip_l.safetensors)")
+    p.add_argument("--t5xxl", type=str, help="T5-XXL text encoder (t5xxl_fp16.safetensors or fp8)")
+    p.add_argument("--ae", type=str, help="autoencoder (ae.safetensors)")
+    p.add_argument("--tokenizer_cache_dir", type=str, help="folder with the tokenizers (default: the shipped copies)")
+    p.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding in T5 and in the DiT")
+    p.add_argument("--prompt", type=str, default="A photo of a cat", help="prompt (default 'A photo of a cat')")
+    p.add_argument("--negative_prompt", type=str, default="", help="negative prompt (used when --cfg_scale != 1)")
+    p.add_argument("--cfg_scale", type=float, default=1.0, help="true CFG scale, for de-distilled bases (default 1: off)")
+    p.add_argument("--guidance", type=float, default=3.5, help="embedded guidance of dev models (default 3.5)")
+    p.add_argument("--steps", type=int, help="sampling steps (default 4 for schnell, 50 for dev)")
+    p.add_argument("--seed", type=int, help="seed (default: a random 32-bit seed, written in the PNG)")
+    p.add_argument("--width", type=int, default=1360, help="image width, rounded up to a multiple of 16 (1360)")
+    p.add_argument("--height", type=int, default=768, help="image height, rounded up to a multiple of 16 (768)")
+    p.add_argument("--output_dir", type=str, default=".", help="folder for the images (default .)")
+    p.add_argument("--dtype", type=str, default="bfloat16", help="dtype of every model unless set per model "
+                   "(bfloat16, float16, float32, fp8 = float8_e4m3fn, float8_e5m2); fp8 computes in bfloat16")
+    for name in ("clip_l", "t5xxl", "ae", "flux"):
+        p.add_argument(f"--{name}_dtype", type=str, help=f"dtype of {name} (default --dtype)")
+    p.add_argument("--device", type=str, help="device (default cuda when available, else cpu)")
+    p.add_argument("--offload", action="store_true", help="keep models on the CPU and move each to the device only "
+                   "for its stage (text encoding, denoising, decoding)")
+    p.add_argument("--lora_weights", type=str, nargs="*", default=[], metavar="PATH[;MULTIPLIER]",
+                   help="LoRA files (sd-scripts, diffusers/PEFT or ai-toolkit format), each with an optional multiplier")
+    p.add_argument("--merge_lora_weights", action="store_true", help="merge the LoRAs into the weights instead of "
+                   "applying them on the fly")
+    p.add_argument("--from_file", type=str, help="generate every prompt of a .txt/.json/.toml prompt file")
+    p.add_argument("--interactive", action="store_true", help="read prompts from the terminal (empty line to quit)")
+    return p
+
+
+def parse_dtype(name: str, flag: str) -> torch.dtype:
+    key = name.strip().lower()
+    if key not in DTYPE_NAMES:
+        raise ConfigError(f"{flag} {name!r}: unknown dtype; use one of bfloat16, float16, float32, fp8, "
+                          "float8_e5m2", key=flag)
+    return DTYPE_NAMES[key]
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """`path[;multiplier]` → (path, multiplier); the multiplier defaults to 1."""
+    path, sep, value = spec.rpartition(";")
+    if not sep:
+        return Path(spec), 1.0
+    try:
+        return Path(path), float(value)
+    except ValueError:
+        raise ConfigError(f"--lora_weights {spec!r}: multiplier {value!r} is not a number; write path;0.8",
+                          key="--lora_weights") from None
+
+
+def round_up_16(value: int, flag: str) -> int:
+    if value <= 0:
+        raise ConfigError(f"{flag} {value}: must be positive", key=flag)
+    rounded = math.ceil(value / 16) * 16
+    if rounded != value:
+        logger.warning("%s %d is not a multiple of 16; using %d", flag, value, rounded)
+    return rounded
+
+
+# ---------------------------------------------------------------------------------------- LoRA
+
+
+def read_lora_network(path: Path, multiplier: float, flux: nn.Module, text_encoders: Sequence[nn.Module | None]):
+    """Build and load (not yet apply) a LoRA network from a file in any supported format, strictly."""
+    from fluxlora.network.formats import detect_lora_format, to_kohya
+    from fluxlora.network.lora import create_network_from_weights
+    from fluxlora.network.saving import read_lora
+
+    tensors, metadata = read_lora(path, flag="--lora_weights")
+    if any(k.startswith("oft_") or ".oft_blocks" in k for k in tensors):
+        raise ConfigError(f"--lora_weights {path}: an OFT file (networks.oft_flux), which fluxlora does not "
+                          "support; pass a LoRA file", path=path, key="--lora_weights")
+    fmt = detect_lora_format(tensors, metadata)
+    if fmt != "kohya":
+        tensors = to_kohya(tensors, fmt, hidden_size=getattr(getattr(flux, "params", None), "hidden_size", None))
+    network, weights = create_network_from_weights(multiplier, None, flux, list(text_encoders), weights_sd=tensors)
+    network.load_lora_state_dict(weights, path=path, flag="--lora_weights")
+    network.eval().requires_grad_(False)
+    logger.info("LoRA %s (%s format, %d modules, multiplier %g)", path, fmt, len(network.loras), multiplier)
+    return network
+
+
+def store_linears_in_fp8(module: nn.Module, dtype: torch.dtype) -> int:
+    """Keep every Linear weight in `dtype` (fp8) and up-cast it per call; returns how many."""
+    from fluxlora.models.text_encoders import UpcastLinear
+
+    count = 0
+    for linear in module.modules():
+        if type(linear) is nn.Linear:
+            linear.weight.data = linear.weight.data.to(dtype)
+            linear.__class__ = UpcastLinear
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+class Generator:
+    """The loaded models and settings of one `generate` run."""
+
+    def __init__(self, args: argparse.Namespace):
+        from fluxlora.models.autoencoder import load_ae
+        from fluxlora.models.flux_loading import inspect_flux, load_flux
+        from fluxlora.models.text_encoders import encode_prompts, load_clip_l, load_t5xxl
+        from fluxlora.models.tokenizers import load_tokenizers, t5_max_length_for
+
+        if args.model_type != "flux":
+            raise ConfigError(f"--model_type {args.model_type}: only FLUX.1 (flux) is supported", key="--model_type")
+        for flag in ("clip_l", "t5xxl", "ae"):
+            if not getattr(args, flag):
+                raise ConfigError(f"--{flag} is required: pass the {flag}.safetensors file", key=f"--{flag}")
+        info = inspect_flux(args.ckpt_path, flag="--ckpt_path")
+        self.variant = info.variant
+        base = parse_dtype(args.dtype, "--dtype")
+        dtypes = {n: parse_dtype(getattr(args, f"{n}_dtype"), f"--{n}_dtype") if getattr(args, f"{n}_dtype") else base
+                  for n in ("clip_l", "t5xxl", "ae", "flux")}
+        self.flux_fp8 = dtypes["flux"] if dtypes["flux"] in FP8 else None
+        self.compute_dtype = torch.bfloat16 if self.flux_fp8 else dtypes["flux"]
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.offload = args.offload
+        load_device = "cpu" if args.offload else self.device
+
+        self.flux, _ = load_flux(args.ckpt_path, dtype=self.compute_dtype, device=load_device, flag="--ckpt_path")
+        self.flux.eval().requires_grad_(False)
+        self.clip = load_clip_l(args.clip_l, dtype=dtypes["clip_l"], device=load_device)
+        self.t5 = load_t5xxl(args.t5xxl, dtype=dtypes["t5xxl"], device=load_device)
+        self.ae = load_ae(args.ae, dtype=dtypes["ae"], device=load_device)
+        self.tokenizers = load_tokenizers(args.tokenizer_cache_dir)
+        t5_length = t5_max_length_for(self.variant)
+
+        self.merged = args.merge_lora_weights
+        self.networks = [read_lora_network(path, mult, self.flux, [self.clip, self.t5])
+                         for path, mult in map(parse_lora_spec, args.lora_weights)]
+        if self.merged:
+            for network in self.networks:
+                network.merge_into_base()  # before any fp8 storage, so the sum is taken in the compute dtype
+        if self.flux_fp8 is not None:
+            logger.info("FLUX: %d Linear weights stored as %s", store_linears_in_fp8(self.flux, self.flux_fp8),
+                        self.flux_fp8)
+        if not self.merged:
+            for network in self.networks:
+                network.to(self.device)
+                network.apply_to()
+
+        def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+            tokens = self.tokenizers.tokenize(list(texts), t5_length)
+            out = encode_prompts(self.clip, self.t5, tokens, apply_t5_attn_mask=args.apply_t5_attn_mask)
+            return {"clip_pooled": out["clip_pooled"].float(), "t5_out": out["t5_out"].float(),
+                    "t5_mask": out["t5_mask"]}
+
+        self.encode_fn: EncodeFn = encode
+        self.apply_t5_attn_mask = args.apply_t5_attn_mask
+        self.extra_info = {"model": Path(args.ckpt_path).name,
+                           "loras": ", ".join(args.lora_weights) if args.lora_weights else ""}
+
+    def _stage(self, name: str) -> None:
+        groups = {"encode": [self.clip, self.t5], "denoise": [self.flux], "decode": [self.ae]}
+        for stage, modules in groups.items():
+            for module in modules:
+                module.to(self.device if stage == name else "cpu")
+
+    def set_multipliers(self, multipliers: Sequence[float]) -> None:
+        if self.merged:
+            logger.warning("--m has no effect: the LoRAs were merged (--merge_lora_weights)")
+            return
+        if len(multipliers) != len(self.networks):
+            raise ConfigError(f"--m: {len(multipliers)} multiplier(s) for {len(self.networks)} LoRA(s); give one per "
+                              "--lora_weights file, comma-separated", key="--m")
+        for network, multiplier in zip(self.networks, multipliers):
+            network.set_multiplier(multiplier)
+
+    def run(self, prompts: Sequence[SamplePrompt], output_dir: Path) -> list[Path]:
+        images = generate_images(
+            self.flux, self.ae, self.encode_fn, prompts, variant=self.variant, device=self.device,
+            dtype=self.compute_dtype, apply_t5_attn_mask=self.apply_t5_attn_mask, progress=True,
+            on_stage=self._stage if self.offload else None, extra_info=self.extra_info)
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        paths = []
+        for i, image in enumerate(images):
+            path = unique_path(output_dir, stamp if len(images) == 1 else f"{stamp}_{i:02d}")
+            paths.append(save_png(image, path))
+            logger.info("saved %s (seed %s)", path, image.info.get("seed"))
+        return paths
+
+
+def unique_path(folder: Path, stem: str) -> Path:
+    """`folder/stem.png`, or `stem_1.png`, `stem_2.png`, ... if it exists: never overwrite an image."""
+    path, n = folder / f"{stem}.png", 0
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}_{n}.png"
+    return path
+
+
+# ------------------------------------------------------------------------------------- interactive
+
+
+def parse_interactive_line(line: str, base: SamplePrompt) -> tuple[SamplePrompt, list[float] | None]:
+    """A terminal line with `--w --h --s --d --g --m --n --c` → (prompt, LoRA multipliers or None)."""
+    prompt, flags = split_inline_flags(line)
+    fields: dict = {"prompt": prompt}
+    multipliers = None
+    for name, value in flags:
+        try:
+            if name in ("w", "h"):
+                fields["width" if name == "w" else "height"] = round_up_16(int(value), f"--{name}")
+            elif name == "s":
+                fields["steps"] = max(1, int(value))
+            elif name == "d":
+                fields["seed"] = int(value)
+            elif name == "g":
+                fields["guidance"] = float(value)
+            elif name == "c":
+                fields["cfg_scale"] = float(value)
+            elif name == "n":
+                fields["negative_prompt"] = "" if value == "-" else value
+            elif name == "m":
+                multipliers = [float(v) for v in value.split(",")]
+            else:
+                raise ConfigError(f"unknown option --{name}; use --w --h --s --d --g --m --n --c", key=f"--{name}")
+        except ValueError:
+            raise ConfigError(f"--{name} {value!r}: not a valid number", key=f"--{name}") from None
+    return replace(base, **fields), multipliers
+
+
+def interactive_loop(generator: Generator, base: SamplePrompt, output_dir: Path,
+                     read_line: Callable[[str], str] = input) -> int:
+    """Prompt, generate, repeat; an empty line or end of input quits. A bad line is reported and skipped."""
+    help_line = ("prompt (empty to quit); options: --w W --h H --s STEPS --d SEED --g GUIDANCE "
+                 "--m MULT[,MULT...] --n NEGATIVE (- for none) --c CFG")
+    count = 0
+    while True:
+        try:
+            line = read_line(f"{help_line}\n> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        try:
+            prompt, multipliers = parse_interactive_line(line, base)
+            if multipliers is not None:
+                generator.set_multipliers(multipliers)
+            for path in generator.run([prompt], output_dir):
+                print(path)
+                count += 1
+        except FluxLoraError as err:
+            print(f"error: {err}")
+    return count
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run `flux_minimal_inference.py` / `fluxlora generate` with sd-scripts' flags; returns the exit code."""
+    args = build_parser().parse_args(list(argv))
+    width = round_up_16(args.width, "--width")
+    height = round_up_16(args.height, "--height")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    generator = Generator(args)
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS[generator.variant]
+    if steps < 1:
+        raise ConfigError(f"--steps {steps}: must be at least 1", key="--steps")
+    base = SamplePrompt(prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height,
+                        seed=args.seed, steps=steps, guidance=args.guidance, cfg_scale=args.cfg_scale)
+    if args.interactive:
+        interactive_loop(generator, base, output_dir)
+        return 0
+    prompts = load_prompt_file(args.from_file, defaults=base, flag="--from_file") if args.from_file else [base]
+    for path in generator.run(prompts, output_dir):
+        print(path)
+    return 0
