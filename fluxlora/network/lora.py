@@ -97,11 +97,6 @@ class LoRANetwork(nn.Module):
         for lora in self.loras:
             lora.multiplier = self.multiplier
 
-    def set_generator(self, generator: torch.Generator | None) -> None:
-        """Use `generator` for dropout masks and GGPO noise (None: torch's global RNG, saved by accelerate)."""
-        for lora in self.loras:
-            lora.generator = generator
-
     @torch.no_grad()
     def merge_into_base(self) -> None:
         """Add every delta into its base weight (W += multiplier·alpha/rank·up@down) and detach the adapters."""

@@ -18,17 +18,11 @@ import torch
 from torch import Tensor, nn
 
 
-def _rand(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:
-    """Uniform [0,1) draws from `generator` (on its own device) or, when None, from torch's global RNG."""
-    if generator is None:
-        return torch.rand(shape, device=device)
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
-
-
-def _randn(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:
-    if generator is None:
-        return torch.randn(shape, device=device)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+def _rand(shape: tuple[int, ...], device: torch.device) -> Tensor:
+    # Forward-time draws use torch's global RNG on purpose: torch.utils.checkpoint replays that state when it
+    # recomputes a block (an explicit generator would give the recomputation other masks and wrong gradients),
+    # and accelerate saves and restores it for an exact resume.
+    return torch.rand(shape, device=device)
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:
@@ -91,7 +85,6 @@ class LoRAModule(nn.Module):
         self.dropout = dropout or None
         self.rank_dropout = rank_dropout or None
         self.module_dropout = module_dropout or None
-        self.generator = generator
         self.component = "unet"  # set by the network: unet, clip_l or t5xxl
 
         self.ggpo_sigma = ggpo_sigma
@@ -193,17 +186,20 @@ class LoRAModule(nn.Module):
         out = self._org_forward(x)
         if self.multiplier == 0.0:
             return out  # DOP's prior pass and disabled adapters cost nothing
-        if self.training and self.module_dropout and float(_rand((1,), x.device, self.generator)) < self.module_dropout:
+        if self.training and self.module_dropout and float(_rand((1,), x.device)) < self.module_dropout:
             return out
-        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        # Under autocast the matmuls run in the autocast dtype anyway: casting x to fp32 first would only add a copy.
+        if x.dtype != self.lora_down.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)
+        lx = self.lora_down(x)
         scale = self.scale
         if self.training and self.dropout:
-            keep = _rand(tuple(lx.shape), lx.device, self.generator) >= self.dropout
+            keep = _rand(tuple(lx.shape), lx.device) >= self.dropout
             lx = lx * keep / (1.0 - self.dropout)
         if self.training and self.rank_dropout:
             # One keep mask per (sample, rank index), shared by all tokens of the sample.
             mask_shape = (lx.shape[0],) + (1,) * (lx.ndim - 2) + (lx.shape[-1],)
-            lx = lx * (_rand(mask_shape, lx.device, self.generator) >= self.rank_dropout)
+            lx = lx * (_rand(mask_shape, lx.device) >= self.rank_dropout)
             scale = scale / (1.0 - self.rank_dropout)
         if self.split_dims is None:
             ly = self.lora_up(lx)
@@ -265,7 +261,7 @@ class LoRAModule(nn.Module):
         """
         r = (self.ggpo_sigma * self.combined_norms + self.ggpo_beta * self.grad_norms**2) / math.sqrt(self.out_features)
         xf = x.float()
-        z = _randn(tuple(xf.shape[:-1]) + (self.out_features,), xf.device, self.generator)
+        z = torch.randn(tuple(xf.shape[:-1]) + (self.out_features,), device=xf.device)  # global RNG, see _rand
         return z * r.to(xf.device) * xf.norm(dim=-1, keepdim=True)
 
     def extra_repr(self) -> str:
