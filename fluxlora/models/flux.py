@@ -149,6 +149,10 @@ class Flux(nn.Module):
         self.hidden_size = params.hidden_size
         self.num_heads = params.num_heads
         self.gradient_checkpointing: bool = False
+        # Block inputs of checkpointed blocks kept in host memory (sd-scripts --cpu_offload_checkpointing).
+        self.cpu_offload_checkpointing: bool = False
+        # Set by block swap: its weights are only resident while a block runs, so backward must recompute.
+        self.requires_checkpointing: bool = False
         self.pe_embedder = EmbedND(dim=params.head_dim, theta=params.theta, axes_dim=list(params.axes_dim))
         self.img_in = nn.Linear(self.in_channels, self.hidden_size, bias=True)
         self.time_in = MLPEmbedder(in_dim=256, hidden_dim=self.hidden_size)
@@ -172,9 +176,16 @@ class Flux(nn.Module):
 
     def _run(self, block: nn.Module, *args: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
         # Non-reentrant checkpointing only when it can save memory: training with autograd on.
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        if not (self.training and torch.is_grad_enabled()):
+            return block(*args)
+        if not self.gradient_checkpointing:
+            if self.requires_checkpointing:
+                raise RuntimeError("block swap streams weights in and out while blocks run, so the backward pass "
+                                   "must recompute them: enable gradient checkpointing (--gradient_checkpointing)")
+            return block(*args)
+        if self.cpu_offload_checkpointing:
+            return checkpoint(_offloaded, block, self.img_in.weight.device, *args, use_reentrant=False)
+        return checkpoint(block, *args, use_reentrant=False)
 
     def forward(
         self,
@@ -215,11 +226,24 @@ class Flux(nn.Module):
             keys = torch.cat([txt_mask.bool(), txt_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)
             attn_mask = keys[:, None, None, :]  # [B, 1, 1, L + N], broadcast over heads and queries
 
+        if self.cpu_offload_checkpointing and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            img, txt = img.cpu(), txt.cpu()  # checkpoint keeps each block's inputs: keep them in host memory
         for block in self.double_blocks:
             img, txt = self._run(block, img, txt, vec, pe, attn_mask)
 
         img = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
             img = self._run(block, img, vec, pe, attn_mask)
-        img = img[:, txt.shape[1] :, ...]
+        img = img[:, txt.shape[1] :, ...].to(vec.device)  # back from the host with --cpu_offload_checkpointing
         return self.final_layer(img, vec)  # [B, N, in_channels]
+
+
+def _offloaded(block: nn.Module, device: torch.device, *args: Tensor | None) -> Tensor | tuple[Tensor, ...]:
+    """Run `block` on `device` with the activations (img/txt, the first inputs) arriving from and returned to the
+    host, so the tensors checkpointing keeps between blocks live in host memory."""
+    n = 2 if isinstance(block, DoubleStreamBlock) else 1
+    inputs = [a.to(device, non_blocking=True) for a in args[:n]]
+    out = block(*inputs, *args[n:])
+    if isinstance(out, tuple):
+        return tuple(o.to("cpu") for o in out)
+    return out.to("cpu")
