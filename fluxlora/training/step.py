@@ -34,10 +34,14 @@ class StepOutput:
     sigmas: Tensor  # [B] float32
 
 
+def step_seed(seed: int, epoch: int, batch_index: int, purpose: int = 0) -> int:
+    """A seed that depends only on (seed, epoch, batch index, purpose)."""
+    return (seed * 1_000_003 + epoch * 10_007 + batch_index * 101 + purpose) % (2**63 - 1)
+
+
 def step_generator(seed: int, epoch: int, batch_index: int, purpose: int = 0) -> torch.Generator:
     """A CPU generator that depends only on (seed, epoch, batch index, purpose)."""
-    mixed = (seed * 1_000_003 + epoch * 10_007 + batch_index * 101 + purpose) % (2**63 - 1)
-    return torch.Generator(device="cpu").manual_seed(mixed)
+    return torch.Generator(device="cpu").manual_seed(step_seed(seed, epoch, batch_index, purpose))
 
 
 def trim_text(cond: Conditioning) -> Conditioning:

@@ -26,7 +26,7 @@ from fluxlora.training.outputs import (
 )
 from fluxlora.training.run import Run
 from fluxlora.training.state import TrainCounters, save_state
-from fluxlora.training.step import StepOutput, step_generator, training_loss
+from fluxlora.training.step import StepOutput, step_generator, step_seed, training_loss
 from fluxlora.training.validation import validation_loss
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ class Trainer:
 
     def _forward(self, batch: dict[str, Any], epoch: int, index: int) -> StepOutput:
         run = self.run
-        run.network.set_generator(step_generator(run.seed, epoch, index, purpose=1))
+        # LoRA dropouts draw from torch's global RNG: reseed it per batch so they too depend only on the position.
+        torch.manual_seed(step_seed(run.seed, epoch, index, purpose=1))
         return training_loss(
             run.models.flux, run.latents_of(batch), run.conditioning_of(batch), self.cfg.flow,
             generator=step_generator(run.seed, epoch, index), guidance=run.guidance, compute_dtype=run.precision.compute,

@@ -1,0 +1,65 @@
+"""`fluxlora check`, `fluxlora cache`, `--dry_run`, TensorBoard logging and differential output preservation."""
+
+from __future__ import annotations
+
+import pytest
+
+from fluxlora.cli import main as fluxlora_main
+from fluxlora.training.cli import train
+
+
+def test_check_reports_the_plan_and_creates_nothing(train_argv, tmp_path, capsys):
+    argv = train_argv(output_dir=tmp_path / "never")
+    assert fluxlora_main(["check", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "ok:" in out and "FLUX.1-dev" in out and "4 training images" in out
+    assert not (tmp_path / "never").exists()
+
+
+def test_check_fails_before_weights_on_a_wrong_model_file(train_argv, tiny_ckpts, tmp_path, capsys):
+    argv = [a if not a.startswith("--clip_l=") else f"--clip_l={tiny_ckpts.ae}" for a in train_argv()]
+    assert fluxlora_main(["check", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "--clip_l" in err and "autoencoder" in err
+
+
+def test_cache_command_writes_disk_caches(train_argv, tiny_dataset, tmp_path):
+    cache_dir = tmp_path / "cache"
+    argv = train_argv("--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk", f"--cache_dir={cache_dir}")
+    assert fluxlora_main(["cache", *argv]) == 0
+    latents = list(cache_dir.rglob("*_flux_latents.safetensors"))
+    texts = list(cache_dir.rglob("*_flux_te.safetensors"))
+    assert len(latents) == 4 and len(texts) == 4
+    assert not list(tiny_dataset.glob("*.safetensors"))  # nothing written beside the images with --cache_dir
+
+
+def test_dry_run_stops_after_the_checks(train_argv, tmp_path, capsys):
+    assert train(train_argv("--dry_run", output_dir=tmp_path / "dry")) is None
+    assert "--dry_run: checks passed" in capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
+
+
+def test_tensorboard_logging_writes_events_with_sd_scripts_metric_names(train_argv, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "logs"
+    train(train_argv("--max_train_steps=2", "--log_with=tensorboard", f"--logging_dir={logs}"))
+    events = list(logs.rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/current", "loss/average"} <= tags
+    assert any(t.startswith("lr/") for t in tags)
+
+
+@pytest.mark.parametrize("dop", [False, True])
+def test_differential_output_preservation_targets_the_base_prediction(train_argv, dop):
+    """With DOP on every sample and a zero-initialised LoRA, prediction == target at the first step: loss 0."""
+    extra = "[general.custom_attributes]\ndiff_output_preservation = true\n" if dop else ""
+    toml_extra = ""
+    result = train(train_argv("--max_train_steps=1", toml_extra=toml_extra + extra))
+    if dop:
+        assert result.losses[0] == 0.0
+    else:
+        assert result.losses[0] > 0.1
