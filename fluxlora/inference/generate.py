@@ -217,7 +217,7 @@ class Generator:
         if len(multipliers) != len(self.networks):
             raise ConfigError(f"--m: {len(multipliers)} multiplier(s) for {len(self.networks)} LoRA(s); give one per "
                               "--lora_weights file, comma-separated", key="--m")
-        for network, multiplier in zip(self.networks, multipliers):
+        for network, multiplier in zip(self.networks, multipliers, strict=True):
             network.set_multiplier(multiplier)
 
     def run(self, prompts: Sequence[SamplePrompt], output_dir: Path) -> list[Path]:

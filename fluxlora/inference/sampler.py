@@ -264,7 +264,7 @@ def generate_images(
 
     stage("decode")
     images = []
-    for p, x in zip(prompts, latents):
+    for p, x in zip(prompts, latents, strict=True):
         image = to_pil(decode_latents(ae, x, p.height, p.width))[0]
         image.info.update(image_settings(p, variant, extra_info))
         images.append(image)

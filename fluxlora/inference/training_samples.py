@@ -137,7 +137,7 @@ def make_grid(images: Sequence[Image.Image], labels: Sequence[str]) -> Image.Ima
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
     chars = max(8, cell_w // CHAR_WIDTH - 1)
-    for i, (image, label) in enumerate(zip(images, labels)):
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         x, y = (i % cols) * cell_w, (i // cols) * cell_h
         grid.paste(image.convert("RGB"), (x, y))
         lines = textwrap.wrap(label, chars)[:LABEL_LINES] or [""]
@@ -234,17 +234,17 @@ def sample_during_training(
                                  dtype=dtype, apply_t5_attn_mask=apply_t5_attn_mask, progress=progress,
                                  on_stage=on_stage, extra_info={"step": str(step), "epoch": str(epoch)})
     paths = []
-    for (index, _), image in zip(mine, images):
+    for (index, _), image in zip(mine, images, strict=True):
         path = sample_image_path(output_dir, output_name, step=step, epoch=epoch, index=index,
                                  seed=int(image.info["seed"]), timestamp=timestamp)
         paths.append(save_png(image, path))
-    grid = make_grid(images, [label_for(index, image) for (index, _), image in zip(mine, images)])
+    grid = make_grid(images, [label_for(index, image) for (index, _), image in zip(mine, images, strict=True)])
     grid_path = sample_grid_path(output_dir, output_name, step=step, epoch=epoch, timestamp=timestamp)
     if num_processes > 1:
         grid_path = grid_path.with_name(grid_path.stem + f"_rank{process_index}.png")
     paths.append(save_png(grid, grid_path))
     if tracker is not None:
-        logged = {f"sample_{index}": image for (index, _), image in zip(mine, images)}
+        logged = {f"sample_{index}": image for (index, _), image in zip(mine, images, strict=True)}
         logged["sample_grid"] = grid
         tracker(logged, step)
     return paths

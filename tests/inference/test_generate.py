@@ -22,7 +22,14 @@ from fluxlora.inference.generate import (
     parse_lora_spec,
 )
 from fluxlora.inference.prompts import SamplePrompt
-from fluxlora.inference.sampler import decode_latents, denoise, encode_texts, flux_schedule, generate_images, packed_noise
+from fluxlora.inference.sampler import (
+    decode_latents,
+    denoise,
+    encode_texts,
+    flux_schedule,
+    generate_images,
+    packed_noise,
+)
 from fluxlora.network.formats import from_kohya
 from fluxlora.network.lora import create_network
 
