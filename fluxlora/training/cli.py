@@ -34,7 +34,17 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, Preflight] | None:
     block = describe_differences(cfg)
     if block:
         logger.info("%s", block)
-    return cfg, run_preflight(cfg)
+    pre = run_preflight(cfg)
+    for line in memory_plan_lines(cfg, pre):
+        logger.info("%s", line)
+    return cfg, pre
+
+
+def memory_plan_lines(cfg: TrainConfig, pre: Preflight) -> list[str]:
+    """The memory planner's estimate for these settings on this machine (headers only)."""
+    from fluxlora.training.planner import plan_report
+
+    return plan_report(cfg, pre)
 
 
 def train(argv: list[str]):
@@ -69,6 +79,8 @@ def check_main(argv: list[str]) -> int:
     prepared = prepare(argv)
     if prepared is not None:
         print(f"ok: {prepared[1].summary()}")
+        for line in memory_plan_lines(*prepared):
+            print(line)
     return 0
 
 

@@ -21,6 +21,7 @@ from fluxlora.models.flux import Flux
 from fluxlora.models.flux_loading import FluxInfo, load_flux
 from fluxlora.models.text_encoders import encode_prompts, load_clip_l, load_t5xxl
 from fluxlora.models.tokenizers import FluxTokenizers, load_tokenizers
+from fluxlora.training.memory import BlockSwapper, place_flux
 from fluxlora.training.step import Conditioning
 
 logger = logging.getLogger(__name__)
@@ -56,18 +57,71 @@ def precision_for(cfg: TrainConfig) -> Precision:
                      fp8=p.fp8_base, fp8_text_encoders=p.fp8_base and not p.fp8_base_unet)
 
 
+class _FrozenFp8Linear(torch.autograd.Function):
+    """y = (x · W8ᵀ) · s + b for a frozen float8 weight, saving only the fp8 weight for backward.
+
+    A plain `F.linear(x, W8.to(bf16))` would keep the up-cast copy alive until backward (2 bytes a parameter, the
+    whole model without checkpointing); here backward up-casts again. No weight or bias gradient: they are frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+        y = F.linear(x.to(dtype), weight.to(dtype))
+        if scale is not None:
+            y = y * scale.to(dtype)
+        if bias is not None:
+            y = y + bias.to(dtype)
+        ctx.save_for_backward(weight, scale)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scale = ctx.saved_tensors
+        grad = grad.to(ctx.dtype)
+        if scale is not None:
+            grad = grad * scale.to(ctx.dtype)
+        return (grad @ weight.to(ctx.dtype)).to(ctx.x_dtype), None, None, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def _fp8_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    # Weights are stored in float8 and up-cast per call; the matmul runs in the input's dtype.
-    bias = None if self.bias is None else self.bias.to(x.dtype)
-    return F.linear(x, self.weight.to(x.dtype), bias)
+    # Weights stored in float8, up-cast per call to the compute dtype (autocast's, else the input's); a per-row
+    # scale (--fp8_scaled) is applied to the output: x·(W8·diag(s))ᵀ = (x·W8ᵀ)·s.
+    return _FrozenFp8Linear.apply(x, self.weight, self.bias, getattr(self, "fp8_scale", None), _compute_dtype(x))
 
 
-def store_linears_in_fp8(module: nn.Module) -> int:
-    """Keep every Linear weight of `module` in float8_e4m3fn and up-cast it per call; returns how many."""
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def fp8_quantize(weight: torch.Tensor, *, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(float8_e4m3fn weight, per-output-row fp32 scale or None). Scaled: each row's largest |w| maps to 448, so
+    small weights keep e4m3's 3 mantissa bits instead of falling into its subnormals; unscaled: a plain cast."""
+    if not scaled:
+        return weight.to(torch.float8_e4m3fn), None
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def store_linears_in_fp8(module: nn.Module, *, scaled: bool = False) -> int:
+    """Keep every Linear weight of `module` in float8_e4m3fn and up-cast it per call; returns how many.
+
+    `scaled` (--fp8_scaled) adds a per-output-row scale (a non-persistent buffer `fp8_scale`), applied to the
+    layer output. Weights already stored in fp8 (fp8 checkpoints) are used as they are.
+    """
     count = 0
     for linear in module.modules():
         if isinstance(linear, nn.Linear) and linear.weight.dtype != torch.float8_e4m3fn:
-            linear.weight.data = linear.weight.data.to(torch.float8_e4m3fn)
+            weight, scale = fp8_quantize(linear.weight.data, scaled=scaled)
+            linear.weight.data = weight
+            if scale is not None:
+                linear.register_buffer("fp8_scale", scale, persistent=False)
             linear.forward = types.MethodType(_fp8_linear_forward, linear)
             count += 1
     return count
@@ -89,19 +143,37 @@ class Models:
     t5: nn.Module | None
     tokenizers: FluxTokenizers
     t5_max_length: int
+    swapper: BlockSwapper | None = None
 
 
 def load_models(cfg: TrainConfig, info: FluxInfo, t5_max_length: int, precision: Precision,
-                device: torch.device, *, need_text_encoders: bool = True, need_ae: bool = True) -> Models:
-    """Load the DiT, AE, CLIP-L, T5 and tokenizers (strict key checks inside each loader)."""
+                device: torch.device, *, need_text_encoders: bool = True, need_ae: bool = True,
+                blocks_to_swap: int | None = None) -> Models:
+    """Load the DiT, AE, CLIP-L, T5 and tokenizers (strict key checks inside each loader).
+
+    `blocks_to_swap` (default: --blocks_to_swap, `auto` resolved from the free device memory) DiT blocks stay in
+    host memory and are streamed to the device (`fluxlora.training.memory`); --torch_compile compiles each block.
+    """
+    if blocks_to_swap is None:
+        from fluxlora.training.planner import resolve_blocks_to_swap
+
+        blocks_to_swap = resolve_blocks_to_swap(cfg, info, device)
     m = cfg.model
     flux, info = load_flux(m.pretrained_model_name_or_path, dtype=precision.weight, device="cpu")
     freeze(flux)
     if precision.fp8:
-        n = store_linears_in_fp8(flux)
-        logger.info("--fp8_base: %d transformer Linear weights stored as float8_e4m3fn", n)
+        n = store_linears_in_fp8(flux, scaled=cfg.precision.fp8_scaled)
+        logger.info("--fp8_base: %d transformer Linear weights stored as float8_e4m3fn%s", n,
+                    " with per-row scales (--fp8_scaled)" if cfg.precision.fp8_scaled else "")
     flux.gradient_checkpointing = cfg.memory.gradient_checkpointing
-    flux.to(device)
+    flux.cpu_offload_checkpointing = cfg.memory.cpu_offload_checkpointing
+    swapper = place_flux(flux, device, blocks_to_swap)
+    flux.requires_checkpointing = swapper is not None
+    if cfg.memory.torch_compile:
+        from fluxlora.training.compile import compile_blocks
+
+        compile_blocks(flux, backend=cfg.memory.dynamo_backend, mode=cfg.memory.dynamo_mode,
+                       fullgraph=cfg.memory.dynamo_fullgraph, dynamic=cfg.memory.dynamo_dynamic)
     ae = freeze(load_ae(m.ae, dtype=precision.ae, device=device)) if need_ae else None
     clip = t5 = None
     if need_text_encoders:
@@ -109,7 +181,7 @@ def load_models(cfg: TrainConfig, info: FluxInfo, t5_max_length: int, precision:
         t5 = freeze(load_t5xxl(m.t5xxl, dtype=None if precision.fp8_text_encoders else precision.weight, device=device))
     tokenizers = load_tokenizers(m.tokenizer_cache_dir)
     return Models(flux=flux, flux_info=info, ae=ae, clip=clip, t5=t5, tokenizers=tokenizers,
-                  t5_max_length=t5_max_length)
+                  t5_max_length=t5_max_length, swapper=swapper)
 
 
 def text_encoder(models: Models, apply_t5_attn_mask: bool, precision: Precision, device: torch.device,

@@ -287,3 +287,14 @@ def place_flux(flux: nn.Module, device: torch.device | str, blocks_to_swap: int 
                 blocks_to_swap, *swap_split(blocks_to_swap), "pinned" if swapper.cuda else "",
                 swapper.host_bytes() / 1e9, swapper.device_bytes() / 1e9)
     return swapper
+
+
+def check_memory_flags(cfg, info) -> None:
+    """Preflight: --blocks_to_swap within the model's real block counts, and with the checkpointing it needs."""
+    swap = cfg.memory.blocks_to_swap
+    if swap != "auto":
+        check_blocks_to_swap(int(swap), info.params.depth, info.params.depth_single_blocks)
+    if swap and not cfg.memory.gradient_checkpointing:
+        raise ConfigError(f"--blocks_to_swap {swap} needs --gradient_checkpointing: swapped weights are on the device "
+                          "only while their block runs, so backward must recompute the block; add "
+                          "--gradient_checkpointing", key="--blocks_to_swap")

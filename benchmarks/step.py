@@ -1,0 +1,286 @@
+"""Training-step speed and memory: s/step, model-FLOP utilisation and peak memory beside the planner's estimate.
+
+    python benchmarks/step.py --config medium                 # CPU: width 3072, 1 double + 1 single block, 256²
+    python benchmarks/step.py --config medium --ckpt --dtype bf16
+    PYTHONPATH=. python3 benchmarks/step.py --config gpu-suite # full-size FLUX, random weights, GPU cases
+
+The step is the trainer's own: `training_loss` (σ/noise from the step generator, packing, the DiT with LoRA on every
+block Linear, loss) → backward → AdamW step → zero_grad, with cached-conditioning style inputs (random latents and
+T5/CLIP states: no text encoders, no files).
+
+FLOP model (performance.md §1, per sample; h = width, L = image + text tokens, D/S = double/single blocks):
+    per-token Linear FLOPs  lin = 2·(D + S)·12·h²·L + 2·T·4096·h (txt_in) + 2·N·64·h·2 (img_in, final layer)
+      (12·h² per token per block: a double block's stream qkv 3h² + proj h² + MLP 8h²; a single block's linear1
+       7h² + linear2 5h²; the modulation Linears act once per sample and are left out, as is the LoRA: < 1 %)
+    attention FLOPs         att = (D + S)·4·L²·h
+    LoRA step = 2·lin + 3.5·att; with checkpointing 3·lin + 4.5·att (frozen base: backward needs dX only).
+MFU = model FLOPs per step / median step time / P_gemm, where P_gemm is torch.mm's FLOP/s measured in this
+process, in the step's dtype, on the step's own GEMM shapes (M = L·batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fluxlora.models.flux import Flux, FluxParams  # noqa: E402
+from fluxlora.network.lora import create_network  # noqa: E402
+from fluxlora.training.memory import BlockSwapper, flux_block_sequence, move_except, swapped_positions  # noqa: E402
+from fluxlora.training.planner import Workload, estimate  # noqa: E402
+from fluxlora.training.step import Conditioning, step_generator, training_loss  # noqa: E402
+
+MEDIUM = FluxParams(depth=1, depth_single_blocks=1)  # width 3072, 24 heads, real GEMM shapes
+FULL = FluxParams()  # FLUX.1-dev: 19 + 38 blocks
+
+
+@dataclass(frozen=True)
+class Case:
+    resolution: int = 256
+    batch: int = 1
+    text_tokens: int = 512
+    rank: int = 16
+    dtype: str = "fp32"  # fp32 (no autocast) | bf16 (bf16 weights, bf16 autocast)
+    fp8: bool = False
+    ckpt: bool = False
+    swap: int = 0
+
+    @property
+    def name(self) -> str:
+        return (f"{self.resolution}² b{self.batch} {self.dtype}{'+fp8' if self.fp8 else ''} "
+                f"{'ckpt' if self.ckpt else 'no-ckpt'} swap {self.swap}")
+
+
+def flow_settings():
+    from fluxlora.config.train_config import FlowSettings
+
+    return FlowSettings(
+        t5xxl_max_token_length=None, apply_t5_attn_mask=False, guidance_scale=1.0, timestep_sampling="sigmoid",
+        sigmoid_scale=1.0, discrete_flow_shift=3.1582, model_prediction_type="raw", weighting_scheme="none",
+        logit_mean=0.0, logit_std=1.0, mode_scale=1.29, ip_noise_gamma=None, ip_noise_gamma_random_strength=False,
+        loss_type="l2", huber_schedule="snr", huber_c=0.1, huber_scale=1.0)
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------------------------
+def step_flops(p: FluxParams, case: Case) -> float:
+    n = (case.resolution // 16) ** 2
+    length = n + case.text_tokens
+    h, blocks = p.hidden_size, p.depth + p.depth_single_blocks
+    lin = 2 * blocks * 12 * h * h * length + 2 * case.text_tokens * p.context_in_dim * h + 2 * n * p.in_channels * h * 2
+    att = blocks * 4 * length * length * h
+    flops = (3 * lin + 4.5 * att) if case.ckpt else (2 * lin + 3.5 * att)
+    return flops * case.batch
+
+
+def gemm_shapes(p: FluxParams, m: int) -> list[tuple[int, int, int]]:
+    h, mlp = p.hidden_size, p.mlp_hidden_dim
+    return [(m, h, 3 * h), (m, h, mlp), (m, mlp, h), (m, h, 3 * h + mlp), (m, h + mlp, h)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_rate(p: FluxParams, m: int, dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:
+    """FLOP-weighted harmonic mean of torch.mm FLOP/s over the model's GEMM shapes (total FLOPs / total time)."""
+    flops = seconds = 0.0
+    for mm, k, n in gemm_shapes(p, m):
+        a = torch.randn(mm, k, dtype=dtype, device=device)
+        b = torch.randn(k, n, dtype=dtype, device=device)
+        torch.mm(a, b)
+        sync(device)
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            sync(device)
+            best = min(best, time.perf_counter() - t)
+        flops += 2 * mm * k * n
+        seconds += best
+    return flops / seconds
+
+
+# ---- model ------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def random_model(p: FluxParams, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Flux:
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        flux = Flux(p)
+    flux = flux.to_empty(device=device).to(dtype)
+    for name, t in flux.named_parameters():
+        if t.ndim >= 2:
+            t.normal_(0.0, 1.0 / math.sqrt(t.shape[1]))
+        elif name.endswith("bias"):
+            t.normal_(0.0, 0.02)
+        else:
+            t.fill_(1.0)
+    flux.requires_grad_(False)
+    return flux.train()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_case(flux: Flux, p: FluxParams, case: Case, device: torch.device, *, steps: int, warmup: int,
+             p_gemm: float | None = None, host_baseline: int | None = None) -> dict:
+    """Time one case; on a CPU the planner's estimate is compared with peak RSS, its fixed runtime allowance
+    replaced by `host_baseline` (this process's RSS before the model was built)."""
+    dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
+    swapper = None
+    if case.swap:
+        swapper = BlockSwapper(flux_block_sequence(flux), swapped_positions(flux, case.swap), device)
+        move_except(flux, device, swapper.swapped_parameters())
+        flux.requires_checkpointing = True
+    flux.gradient_checkpointing = case.ckpt
+    network = create_network(1.0, case.rank, case.rank, flux, [], train_text_encoder=False,
+                             generator=torch.Generator().manual_seed(0))
+    network.apply_to()
+    network.to(device)
+    network.requires_grad_(True)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    side = case.resolution // 8
+    latents = torch.randn(case.batch, 16, side, side, generator=g)
+    cond = Conditioning(torch.randn(case.batch, p.vec_in_dim, generator=g),
+                        torch.randn(case.batch, case.text_tokens, p.context_in_dim, generator=g),
+                        torch.ones(case.batch, case.text_tokens, dtype=torch.bool))
+    settings = flow_settings()
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else torch.autocast(
+            device.type, enabled=False)
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for i in range(warmup + steps):
+        sync(device)
+        t = time.perf_counter()
+        out = training_loss(flux, latents.to(device), cond, settings, generator=step_generator(0, 1, i),
+                            guidance=p.guidance_embed, compute_dtype=dtype, autocast=autocast)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+        losses.append(float(out.loss.detach()))
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+    network.remove()
+    if swapper is not None:
+        swapper.remove(device)
+        flux.requires_checkpointing = False
+    if p_gemm is None:
+        p_gemm = gemm_rate(p, case.batch * ((case.resolution // 16) ** 2 + case.text_tokens), dtype, device)
+    median = statistics.median(times)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [median] * 9
+    flops = step_flops(p, case)
+    workload = Workload(params=p, batch_size=case.batch, image_tokens=(case.resolution // 16) ** 2,
+                        text_tokens=case.text_tokens, weight_dtype=dtype, fp8=case.fp8,
+                        compute_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None, lora_rank=case.rank,
+                        gradient_checkpointing=case.ckpt, blocks_to_swap=case.swap)
+    plan = estimate(workload)
+    runtime = plan.host["runtime"] if host_baseline is None else host_baseline
+    est = plan.device_peak + (runtime if device.type == "cpu" else 0)
+    return {"case": case.name, "s_per_step": median, "p10": q[0], "p90": q[-1], "step_tflop": flops / 1e12,
+            "p_gemm_tflops": p_gemm / 1e12, "mfu": flops / median / p_gemm, "peak_gb": peak / 1e9,
+            "planner_gb": est / 1e9, "planner_vs_peak": est / peak, "losses": losses[:3]}
+
+
+def report(r: dict) -> None:
+    print(f"{r['case']}: {r['s_per_step']:.3f} s/step (p10 {r['p10']:.3f}, p90 {r['p90']:.3f}); "
+          f"{r['step_tflop']:.3f} TFLOP/step; P_gemm {r['p_gemm_tflops']:.3f} TFLOP/s; "
+          f"peak {r['peak_gb']:.2f} GB, planner {r['planner_gb']:.2f} GB ({100 * r['planner_vs_peak']:.0f} %)")
+    print(f"MFU {100 * r['mfu']:.1f} %", flush=True)
+
+
+# ---- configurations -------------------------------------------------------------------------------------------------
+def medium(args) -> None:
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    baseline = rss_bytes()
+    case = Case(resolution=args.resolution, text_tokens=args.text_tokens, rank=args.rank, dtype=args.dtype,
+                ckpt=args.ckpt)
+    m = (args.resolution // 16) ** 2 + args.text_tokens
+    before = gemm_rate(MEDIUM, m, dtype, device)
+    flux = random_model(MEDIUM, dtype, device)
+    r = run_case(flux, MEDIUM, case, device, steps=args.steps, warmup=args.warmup, p_gemm=before,
+                 host_baseline=baseline)
+    after = gemm_rate(MEDIUM, m, dtype, device)
+    r["p_gemm_drift"] = after / before - 1
+    r["baseline_rss_gb"] = baseline / 1e9
+    report(r)
+    print(f"P_gemm before {before / 1e9:.1f} / after {after / 1e9:.1f} GFLOP/s (drift {100 * r['p_gemm_drift']:+.1f} %); "
+          f"process RSS before the model {baseline / 1e9:.2f} GB; load {os.getloadavg()}")
+    print(json.dumps(r))
+
+
+def gpu_suite(args) -> None:
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    flux = random_model(FULL, torch.bfloat16, device)
+    results = []
+    cases = [Case(resolution=r, dtype="bf16", ckpt=c, swap=s) for r in (1024, 512) for (c, s) in
+             ((False, 0), (True, 0), (True, 19))]
+    cases += [Case(resolution=1024, dtype="bf16", ckpt=True, swap=35)]
+    for case in cases:
+        if case.name.split()[0] in args.skip:
+            continue
+        r = run_case(flux, FULL, case, device, steps=args.steps, warmup=args.warmup)
+        report(r)
+        results.append(r)
+    from fluxlora.training.components import store_linears_in_fp8
+
+    store_linears_in_fp8(flux)
+    for case in (Case(resolution=1024, dtype="bf16", fp8=True, ckpt=True), Case(resolution=1024, dtype="bf16", fp8=True),
+                 Case(resolution=1024, dtype="bf16", fp8=True, ckpt=True, swap=19)):
+        r = run_case(flux, FULL, case, device, steps=args.steps, warmup=args.warmup)
+        report(r)
+        results.append(r)
+    by = {r["case"]: r for r in results}
+    for res in (1024, 512):
+        a, b = by.get(f"{res}² b1 bf16 ckpt swap 19"), by.get(f"{res}² b1 bf16 ckpt swap 0")
+        if a and b:
+            print(f"{res}²: swap-19 / no-swap step time = {a['s_per_step'] / b['s_per_step']:.3f}")
+    print(json.dumps(results))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=["medium", "gpu-suite"], default="medium")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--ckpt", action="store_true", help="per-block gradient checkpointing")
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--text_tokens", type=int, default=512)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", nargs="*", default=[])
+    args = ap.parse_args()
+    medium(args) if args.config == "medium" else gpu_suite(args)
+
+
+if __name__ == "__main__":
+    main()
