@@ -87,6 +87,8 @@ class EpochSampler(Sampler[BatchSpec]):
 
     def _mine(self, batches: list[BatchSpec]) -> list[BatchSpec]:
         n = self.num_processes
+        if n > 1 and self.split == "validation":  # no padding: a duplicate would count twice in the mean
+            return batches[self.process_index :: n]
         if n > 1 and batches:
             padded = batches + batches[: (-len(batches)) % n]
             batches = padded[self.process_index :: n]
@@ -97,8 +99,10 @@ class EpochSampler(Sampler[BatchSpec]):
         yield from self._mine(self.batches())
 
     def __len__(self) -> int:
-        total = self.data.num_batches_per_epoch if self.split == "train" else len(self.data.validation_batches())
         n = self.num_processes
+        if self.split == "validation":
+            return len(self.data.validation_batches()[self.process_index :: n])
+        total = self.data.num_batches_per_epoch
         return max(math.ceil(total / n) - math.ceil(self.start_batch / n), 0)
 
 

@@ -6,6 +6,7 @@ calls (encode a batch, backward, optimizer step, save a LoRA, log).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import shutil
@@ -26,7 +27,7 @@ from fluxlora.training.metadata import RunFacts, lora_metadata
 from fluxlora.training.optim import eval_mode
 from fluxlora.training.outputs import OutputNames
 from fluxlora.training.preflight import Preflight
-from fluxlora.training.state import TrainCounters
+from fluxlora.training.state import TrainCounters, capture_rng
 from fluxlora.training.step import Conditioning, StepOutput, training_loss
 
 logger = logging.getLogger(__name__)
@@ -120,9 +121,79 @@ class Run:
         )
 
     def validation_batches(self) -> Iterator[dict[str, Any]]:
+        """This process's share of the validation batches (every num_processes-th, no padding)."""
         loader = make_dataloader(self.data, 1, seed=self.seed, split="validation", latent_cache=self.latent_cache,
-                                 text_cache=self.text_cache)
+                                 text_cache=self.text_cache, num_processes=self.num_processes,
+                                 process_index=self.process_index)
         yield from loader
+
+    # ---- processes --------------------------------------------------------------------------------------------
+    @property
+    def num_processes(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def process_index(self) -> int:
+        return int(self.accelerator.process_index)
+
+    def sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of a small CPU tensor over all processes (itself with one process)."""
+        if self.num_processes == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.device), reduction="sum").cpu()
+
+    def mean_over_processes(self, value: float) -> float:
+        """The mean of a per-process number (a loss) over all processes; NaN anywhere gives NaN everywhere."""
+        if self.num_processes == 1:
+            return value
+        return float(self.sum_over_processes(torch.tensor([value], dtype=torch.float64))[0]) / self.num_processes
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when it is True on one (a stop signal must stop all at the same step)."""
+        if self.num_processes == 1:
+            return flag
+        return bool(self.sum_over_processes(torch.tensor([float(flag)]))[0] > 0)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """`obj` of every process, in process order (each process must call this)."""
+        if self.num_processes == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return list(gather_object([obj]))
+
+    def gather_rng_states(self) -> list[dict[str, Any]]:
+        """`capture_rng()` of every process, in process order (each process must call this). Sent as torch.save
+        bytes: tensors pickled by all_gather_object do not load back in every torch version."""
+        if self.num_processes == 1:
+            return [capture_rng()]
+        buffer = io.BytesIO()
+        torch.save(capture_rng(), buffer)
+        return [torch.load(io.BytesIO(blob), weights_only=True) for blob in self.gather_objects(buffer.getvalue())]
+
+    def average_gradients(self) -> None:
+        """DDP's gradient all-reduce, done by hand: the LoRA modules are hooked into the frozen models, so there
+        is no single module to wrap (sd-scripts does the same). One flat all-reduce per dtype over every
+        trainable parameter (a missing gradient counts as zeros, so every process reduces the same tensors and a
+        module unused on one process cannot hang the others). With --ddp_gradient_as_bucket_view the gradients
+        become views into the reduced buffer instead of being copied back (one gradient copy less)."""
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        for group in by_dtype.values():
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+            flat = self.accelerator.reduce(flat, reduction="mean")
+            offset = 0
+            for p in group:
+                view = flat[offset: offset + p.numel()].view_as(p)
+                offset += p.numel()
+                if self.cfg.memory.ddp_gradient_as_bucket_view:
+                    p.grad = view
+                elif p.grad is None:
+                    p.grad = view.clone()
+                else:
+                    p.grad.copy_(view)
 
     @contextlib.contextmanager
     def eval_context(self) -> Iterator[None]:
@@ -143,12 +214,12 @@ class Run:
     def optimizer_step(self, *, finite_loss: bool) -> tuple[bool, float | None]:
         """Clip, check, step, schedule; returns (stepped, grad norm). Skips (and clears) non-finite steps."""
         params = [p for p in self.network.parameters() if p.requires_grad]
+        if self.num_processes > 1:
+            # before unscaling, so the fp16 scaler sees the same (reduced) inf/NaN on every process and all of
+            # them skip or step together
+            self.average_gradients()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.accelerator.num_processes > 1:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
         max_norm = self.cfg.optim.max_grad_norm
         if max_norm and max_norm > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -201,19 +272,27 @@ class Run:
             shutil.rmtree(path)
             logger.info("removed %s (retention)", path)
 
-    def sample(self, *, epoch: int, step: int) -> None:
-        """Sample images with the prompt file (spec §8); a no-op without --sample_prompts."""
+    def sample(self, *, epoch: int | None, step: int) -> None:
+        """Sample images with the prompt file (spec §8); a no-op without --sample_prompts.
+
+        `epoch` names epoch files (0 before training), None step files. With several processes every process
+        calls this: prompt i is generated and written by process i mod n (one writer per file)."""
         if self.cfg.sampling.sample_prompts is None:
             return
-        from fluxlora.inference.training_samples import sample_during_training
+        from fluxlora.inference.prompts import load_prompt_file
+        from fluxlora.inference.training_samples import accelerate_image_logger, sample_during_training
 
         encode = text_encoder(self.models, self.cfg.flow.apply_t5_attn_mask, self.precision, self.device)
         with self.eval_context():
             sample_during_training(
-                self.models.flux, self.models.ae, encode, self.cfg.sampling.sample_prompts,
+                flux=self.models.flux, ae=self.models.ae, encode_fn=encode,
+                prompts=load_prompt_file(self.cfg.sampling.sample_prompts, flag="--sample_prompts"),
                 output_dir=self.cfg.saving.output_dir, output_name=self.cfg.saving.output_name, epoch=epoch,
                 step=step, variant=self.models.flux_info.variant, device=self.device, dtype=self.precision.compute,
-                apply_t5_attn_mask=self.cfg.flow.apply_t5_attn_mask, tracker=self.tracker,
+                apply_t5_attn_mask=self.cfg.flow.apply_t5_attn_mask,
+                modules=[self.network, self.models.clip, self.models.t5],
+                tracker=accelerate_image_logger(self.accelerator) if self.tracker is not None else None,
+                process_index=self.process_index, num_processes=self.num_processes,
             )
 
     @property

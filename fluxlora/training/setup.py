@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -31,16 +32,39 @@ logger = logging.getLogger(__name__)
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
+    """The run's Accelerator; under `accelerate launch` / torchrun with several processes it joins the process
+    group (gloo on CPU-only machines, so `accelerate launch --multi_gpu` also works there)."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     kwargs: dict[str, Any] = {}
     if cfg.logging.log_with:
         kwargs["log_with"] = cfg.logging.log_with
         kwargs["project_dir"] = str(cfg.logging.logging_dir) if cfg.logging.logging_dir else None
-    return Accelerator(**kwargs)
+    if cfg.memory.ddp_timeout:
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.memory.ddp_timeout))]
+    world_size = launched_world_size()
+    if world_size > 1 and not torch.cuda.is_available():
+        kwargs["cpu"] = True  # accelerate only forms a CPU (gloo) process group when told it runs on CPU
+    accelerator = Accelerator(**kwargs)
+    if accelerator.num_processes != world_size:
+        raise ConfigError(f"the launcher started {world_size} processes but accelerate joined "
+                          f"{accelerator.num_processes}; check the `accelerate launch` flags / accelerate config "
+                          "(each process would otherwise train alone and write the same files)", key="accelerate")
+    return accelerator
 
 
-def run_fingerprint(cfg: TrainConfig, pre: Preflight) -> dict[str, Any]:
+def launched_world_size() -> int:
+    """Processes the launcher (accelerate launch, torchrun, MPI) started; 1 for a plain `python` run."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def run_fingerprint(cfg: TrainConfig, pre: Preflight, num_processes: int = 1) -> dict[str, Any]:
     """Settings that, changed, would make a resumed run a different run (refused without --resume_force)."""
     n, o, d = cfg.network, cfg.optim, pre.data
     return {
@@ -50,6 +74,8 @@ def run_fingerprint(cfg: TrainConfig, pre: Preflight) -> dict[str, Any]:
         "optimizer_type": o.optimizer_type, "optimizer_args": list(o.optimizer_args),
         "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps, "seed": pre.seed,
         "model_variant": pre.flux_info.variant,
+        # the process count sets the data shards and the steps per epoch (absent for one process: older states)
+        **({"num_processes": num_processes} if num_processes > 1 else {}),
         "dataset": {"train_images": d.num_train_images, "reg_images": d.num_reg_images,
                     "batches_per_epoch": d.num_batches_per_epoch},
     }
@@ -63,7 +89,8 @@ def _seed_everything(seed: int) -> None:
 
 def build_run(cfg: TrainConfig, pre: Preflight) -> Run:
     accelerator = make_accelerator(cfg)
-    device = accelerator.device
+    # accelerate names the CPU of a multi-process CPU run "cpu:<index>", which safetensors refuses
+    device = torch.device("cpu") if accelerator.device.type == "cpu" else accelerator.device
     precision = precision_for(cfg)
     if precision.compute == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--mixed_precision bf16: this GPU has no bfloat16 support; use --mixed_precision fp16 "
@@ -141,6 +168,8 @@ def build_run(cfg: TrainConfig, pre: Preflight) -> Run:
             progress=accelerator.is_main_process, rank=accelerator.process_index,
             world_size=accelerator.num_processes if c.cache_text_encoder_outputs_to_disk else 1)
         logger.info("text-encoder cache: %s", stats)
+    # Each process wrote its share of the disk caches and reads the others' files lazily: wait until all exist.
+    accelerator.wait_for_everyone()
 
     facts = RunFacts(optimizer=description, num_epochs=num_epochs, max_train_steps=max_steps)
     run = Run(cfg=cfg, pre=pre, accelerator=accelerator, device=device, precision=precision, models=models,
@@ -149,7 +178,7 @@ def build_run(cfg: TrainConfig, pre: Preflight) -> Run:
               names=OutputNames(cfg.saving.output_dir, cfg.saving.output_name), facts=facts,
               max_train_steps=max_steps, num_epochs=num_epochs,
               save_every_n_epochs=save_every_n_epochs(cfg.saving, num_epochs),
-              fingerprint=run_fingerprint(cfg, pre), train_clip=train_clip, train_t5=train_t5)
+              fingerprint=run_fingerprint(cfg, pre, accelerator.num_processes), train_clip=train_clip, train_t5=train_t5)
     _start_position(run, per_epoch)
     if cfg.logging.log_with:
         accelerator.init_trackers(cfg.logging.log_tracker_name or "network_train",
@@ -173,7 +202,7 @@ def _start_position(run: Run, per_epoch: int) -> None:
         run.scheduler.load_state_dict(state.scheduler)
         if run.scaler is not None and state.scaler is not None:
             run.scaler.load_state_dict(state.scaler)
-        restore_rng(state.rng)
+        restore_rng(state.rng_of(run.accelerator.process_index))
         run.counters = state.counters
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", cfg.saving.resume, run.counters.global_step,
                     run.counters.epoch, run.counters.batch_in_epoch)

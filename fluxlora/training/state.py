@@ -7,7 +7,8 @@ A state folder holds everything a resumed run needs to continue as if it had nev
       optimizer.pt          optimizer state (tensors and plain containers; read with weights_only=True)
       scheduler.pt          LR scheduler state (same)
       scaler.pt             fp16 grad-scaler state, when used
-      rng.pt                python / numpy / torch / cuda RNG states of this process
+      rng.pt                python / numpy / torch / cuda RNG states of process 0 (the only one in one process)
+      rng_<i>.pt            the same for process i >= 1 of a multi-process (DDP) run
       train_state.json      counters (epoch, batch in epoch, global step), the run fingerprint, format version
       COMPLETE              written last: a folder without it is an interrupted save and is never resumed
 
@@ -88,8 +89,14 @@ def save_state(
     counters: TrainCounters,
     fingerprint: dict[str, Any],
     scaler: Any | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write a complete state folder atomically (temporary folder, COMPLETE marker, rename)."""
+    """Write a complete state folder atomically (temporary folder, COMPLETE marker, rename).
+
+    `rng_states` are the RNG states of every process (index = process index, from `capture_rng` on each);
+    None means this process only.
+    """
+    rng_states = rng_states or [capture_rng()]
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
@@ -103,8 +110,10 @@ def save_state(
         _torch_save_atomic(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             _torch_save_atomic(scaler.state_dict(), tmp / "scaler.pt")
-        _torch_save_atomic(capture_rng(), tmp / "rng.pt")
+        for index, rng in enumerate(rng_states):
+            _torch_save_atomic(rng, tmp / rng_file_name(index))
         info = {"format_version": FORMAT_VERSION, "counters": asdict(counters), "fingerprint": fingerprint,
+                "num_processes": len(rng_states),
                 # sd-scripts' keys, so its tools can read our folders (1-based epoch, global step)
                 "current_epoch": counters.epoch + 1, "current_step": counters.global_step}
         write_text(tmp / "train_state.json", json.dumps(info, indent=2, sort_keys=True))
@@ -133,6 +142,16 @@ class LoadedState:
     rng: dict[str, Any]
     counters: TrainCounters
     fingerprint: dict[str, Any]
+    rng_by_process: list[dict[str, Any]] = field(default_factory=list)
+
+    def rng_of(self, process_index: int) -> dict[str, Any]:
+        """The RNG state saved by process `process_index` (process 0's when the saved run had fewer)."""
+        states = self.rng_by_process or [self.rng]
+        return states[process_index] if process_index < len(states) else states[0]
+
+
+def rng_file_name(process_index: int) -> str:
+    return "rng.pt" if process_index == 0 else f"rng_{process_index}.pt"
 
 
 def _load_pt(path: Path) -> Any:
@@ -159,15 +178,17 @@ def load_state(directory: str | Path) -> LoadedState:
                 f"--resume {directory}: state format {info.get('format_version')} is not supported "
                 f"(this fluxlora writes {FORMAT_VERSION})", path=directory, key="--resume")
         scaler_path = directory / "scaler.pt"
+        rngs = [_load_pt(directory / rng_file_name(i)) for i in range(int(info.get("num_processes", 1)))]
         return LoadedState(
             directory=directory,
             network_params=load_file(str(directory / "network.safetensors")),
             optimizer=_load_pt(directory / "optimizer.pt"),
             scheduler=_load_pt(directory / "scheduler.pt"),
             scaler=_load_pt(scaler_path) if scaler_path.exists() else None,
-            rng=_load_pt(directory / "rng.pt"),
+            rng=rngs[0],
             counters=TrainCounters(**info["counters"]),
             fingerprint=info["fingerprint"],
+            rng_by_process=rngs,
         )
     except CheckpointError:
         raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class Trainer:
             persistent_workers=cfg.dataset_flags.persistent_data_loader_workers,
             start_batch=self.counters.batch_in_epoch, latent_cache=run.latent_cache, text_cache=run.text_cache,
             gradient_accumulation_steps=accum, max_train_steps=run.max_train_steps,
+            num_processes=run.num_processes, process_index=run.process_index,
         )
         self._install_signal_handlers()
         progress = _progress(run.max_train_steps, self.counters.global_step, enabled=run.is_main)
@@ -80,20 +82,24 @@ class Trainer:
             run.sample(epoch=0, step=0)
         micro_losses: list[float] = []
         start_epoch = max(1, self.counters.epoch)
+        # With n processes, process p trains batches p, p + n, ... of each epoch's list (padded to whole rows):
+        # a "row" of n batches is one micro-step of all processes together.
+        n = run.num_processes
+        num_batches = run.data.num_batches_per_epoch
+        rows = math.ceil(num_batches / n)
         try:
             for epoch in range(start_epoch, run.num_epochs + 1):
                 if epoch != start_epoch:
                     self.counters.batch_in_epoch = 0
                 self.counters.epoch = epoch
                 set_epoch(loader, epoch, self.counters.batch_in_epoch)
-                num_batches = run.data.num_batches_per_epoch
-                for batch in loader:
-                    index = batch["batch_index"]
-                    out = self._forward(batch, epoch, index)
+                first_row = math.ceil(self.counters.batch_in_epoch / n)
+                for row, batch in enumerate(loader, start=first_row):
+                    out = self._forward(batch, epoch, batch["batch_index"])
                     run.backward(out.loss / accum)
                     micro_losses.append(float(out.loss.detach()))
-                    self.counters.batch_in_epoch = index + 1
-                    if (index + 1) % accum != 0 and index + 1 != num_batches:
+                    self.counters.batch_in_epoch = min((row + 1) * n, num_batches)
+                    if (row + 1) % accum != 0 and row + 1 != rows:
                         continue
                     self._optimizer_step(micro_losses, batch, recorder, progress)
                     micro_losses = []
@@ -126,7 +132,7 @@ class Trainer:
     def _optimizer_step(self, micro_losses: list[float], batch: dict[str, Any], recorder: LossRecorder,
                         progress: Any) -> None:
         run, cfg, c = self.run, self.cfg, self.counters
-        loss = sum(micro_losses) / len(micro_losses)
+        loss = self._agree(sum(micro_losses) / len(micro_losses))
         stepped, grad_norm = run.optimizer_step(finite_loss=math.isfinite(loss))
         if not stepped:
             c.nan_streak += 1
@@ -153,6 +159,20 @@ class Trainer:
                              lr=f"{next(iter(run.lr_logs().values()), 0.0):.2e}")
         self._on_step_end()
 
+    def _agree(self, loss: float) -> float:
+        """One small all-reduce per optimizer step: the loss as the mean over processes (what is logged and
+        recorded, equal on every process) and any stop signal, so all processes stop after the same step."""
+        run = self.run
+        if run.num_processes == 1:
+            return loss
+        flags = [float(self.stop_signal == sig) for sig in (signal.SIGINT, signal.SIGTERM)]
+        total = run.sum_over_processes(torch.tensor([loss, *flags], dtype=torch.float64))
+        if self.stop_signal is None and float(total[1:].sum()) > 0:
+            self.stop_signal = signal.SIGINT if float(total[1]) > 0 else signal.SIGTERM
+            logger.warning("another process received %s: stopping after this step",
+                           signal.Signals(self.stop_signal).name)
+        return float(total[0]) / run.num_processes
+
     # ---- schedule: save, sample, validate -------------------------------------------------------------------------
     def _on_step_end(self) -> None:
         run, cfg, step = self.run, self.cfg, self.counters.global_step
@@ -167,7 +187,7 @@ class Trainer:
                 run.remove_dir(run.names.step_state(old_state))
         if cfg.sampling.sample_every_n_steps and not cfg.sampling.sample_every_n_epochs \
                 and step % cfg.sampling.sample_every_n_steps == 0:
-            run.sample(epoch=self.counters.epoch, step=step)
+            run.sample(epoch=None, step=step)
         if cfg.validation.validate_every_n_steps and step % cfg.validation.validate_every_n_steps == 0:
             self._validate(step)
 
@@ -199,7 +219,8 @@ class Trainer:
             return
         with run.eval_context():
             value = validation_loss(run.validation_batches(), run.score_fixed, run.latents_of,
-                                    seed=run.validation_seed, max_batches=self.cfg.validation.max_validation_steps)
+                                    seed=run.validation_seed, max_batches=self.cfg.validation.max_validation_steps,
+                                    reduce_sum=run.sum_over_processes if run.num_processes > 1 else None)
         self.result.validation.append((step, value))
         key = "epoch_average" if epoch is not None else "step_average"
         run.log({f"loss/validation/{key}": value}, step=epoch if epoch is not None else step)
@@ -213,11 +234,14 @@ class Trainer:
             self._save_state(state_dir)
 
     def _save_state(self, state_dir: Path) -> None:
+        """Every process calls this (the RNG states of all are gathered); only the main process writes."""
         run = self.run
+        rng_states = run.gather_rng_states()
         if not run.is_main:
             return
         save_state(state_dir, network_params=run.network.state_dict(), optimizer=run.optimizer,
-                   scheduler=run.scheduler, counters=self.counters, fingerprint=run.fingerprint, scaler=run.scaler)
+                   scheduler=run.scheduler, counters=self.counters, fingerprint=run.fingerprint, scaler=run.scaler,
+                   rng_states=rng_states)
         self.result.saved.append(state_dir)
 
     def _finish(self) -> None:
@@ -230,6 +254,7 @@ class Trainer:
         if run.is_main and self.result.losses:
             plot_losses(cfg.saving.output_dir / "loss.png", self.result.losses, validation=self.result.validation)
         run.end()
+        run.accelerator.wait_for_everyone()  # no process leaves before the main one has written everything
 
     # ---- signals --------------------------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -269,7 +294,8 @@ class Trainer:
 def _progress(total: int, initial: int, *, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="steps", smoothing=0.1)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="steps", smoothing=0.1,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
 def epochs_for(max_train_steps: int, steps_per_epoch: int) -> int:

@@ -1,0 +1,34 @@
+"""Test helper run under `accelerate launch`: trains like `flux_train_network.py`, then writes what only a test
+needs to see — every process's own LoRA parameters and losses (`<output_dir>/process<i>.safetensors/.json`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from fluxlora.training.cli import prepare
+from fluxlora.training.setup import build_run
+from fluxlora.training.trainer import Trainer
+
+
+def main(argv: list[str]) -> int:
+    prepared = prepare(argv)
+    assert prepared is not None
+    cfg, pre = prepared
+    cfg.saving.output_dir.mkdir(parents=True, exist_ok=True)
+    run = build_run(cfg, pre)
+    result = Trainer(run).train()
+    index = run.accelerator.process_index
+    out = Path(cfg.saving.output_dir)
+    save_file({k: v.detach().float().contiguous() for k, v in run.network.state_dict().items()},
+              str(out / f"process{index}.safetensors"))
+    (out / f"process{index}.json").write_text(json.dumps(
+        {"losses": result.losses, "validation": result.validation, "num_processes": run.num_processes}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
