@@ -16,6 +16,7 @@ from typing import IO
 import torch
 
 from fluxlora.errors import FluxLoraError
+from fluxlora.training import faults
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -45,6 +46,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
+            faults.on_write(path, handle)  # no-op unless FLUXLORA_FAULT is set (tests only)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

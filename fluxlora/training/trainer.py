@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import time
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from fluxlora.training.outputs import (
     should_save_step,
     step_to_remove,
 )
+from fluxlora.training import faults
 from fluxlora.training.run import Run
 from fluxlora.training.state import TrainCounters, save_state
 from fluxlora.training.step import StepOutput, step_generator, step_seed, training_loss
@@ -32,6 +34,7 @@ from fluxlora.training.validation import validation_loss
 
 logger = logging.getLogger(__name__)
 
+SIGNAL_REPEAT_S = 2.0  # a repeated stop signal within this time is the same request (launcher forwarding)
 NAN_ADVICE = ("usual causes: --mixed_precision fp16 on FLUX (use bf16), a learning rate that is too high, "
               "or fp8 base weights with Prodigy/D-Adaptation")
 
@@ -62,6 +65,7 @@ class Trainer:
         self.result = TrainResult()
         self.counters: TrainCounters = run.counters
         self.stop_signal: int | None = None
+        self._first_signal_at = 0.0  # time.monotonic() of the stop request
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -96,6 +100,7 @@ class Trainer:
                 first_row = math.ceil(self.counters.batch_in_epoch / n)
                 for row, batch in enumerate(loader, start=first_row):
                     out = self._forward(batch, epoch, batch["batch_index"])
+                    out.loss = faults.loss_for_step(out.loss, self.counters.global_step + 1)  # tests only
                     run.backward(out.loss / accum)
                     micro_losses.append(float(out.loss.detach()))
                     self.counters.batch_in_epoch = min((row + 1) * n, num_batches)
@@ -158,6 +163,7 @@ class Trainer:
         progress.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{recorder.moving_average:.4f}",
                              lr=f"{next(iter(run.lr_logs().values()), 0.0):.2e}")
         self._on_step_end()
+        faults.after_step(c.global_step)  # tests only: tells a parent process how far the run got
 
     def _agree(self, loss: float) -> float:
         """One small all-reduce per optimizer step: the loss as the mean over processes (what is logged and
@@ -169,6 +175,7 @@ class Trainer:
         total = run.sum_over_processes(torch.tensor([loss, *flags], dtype=torch.float64))
         if self.stop_signal is None and float(total[1:].sum()) > 0:
             self.stop_signal = signal.SIGINT if float(total[1]) > 0 else signal.SIGTERM
+            self._first_signal_at = time.monotonic()
             logger.warning("another process received %s: stopping after this step",
                            signal.Signals(self.stop_signal).name)
         return float(total[0]) / run.num_processes
@@ -261,9 +268,14 @@ class Trainer:
         self._previous: dict[int, Any] = {}
 
         def handler(signum: int, _frame: Any) -> None:
-            if self.stop_signal is not None:  # a second signal: leave at once
-                raise KeyboardInterrupt
-            self.stop_signal = signum
+            now = time.monotonic()
+            if self.stop_signal is not None:
+                # Under torchrun (accelerate launch) a Ctrl-C reaches a worker twice: from the terminal and
+                # forwarded by the launcher. Only a later, second signal means "leave at once".
+                if now - self._first_signal_at > SIGNAL_REPEAT_S:
+                    raise KeyboardInterrupt
+                return
+            self.stop_signal, self._first_signal_at = signum, now
             logger.warning("received %s: finishing the current step, then saving and stopping",
                            signal.Signals(signum).name)
 
