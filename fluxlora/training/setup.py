@@ -53,6 +53,11 @@ def make_accelerator(cfg: TrainConfig) -> Any:
         raise ConfigError(f"the launcher started {world_size} processes but accelerate joined "
                           f"{accelerator.num_processes}; check the `accelerate launch` flags / accelerate config "
                           "(each process would otherwise train alone and write the same files)", key="accelerate")
+    if cfg.memory.ddp_static_graph:
+        logger.info("--ddp_static_graph: fluxlora's gradient all-reduce always covers the same tensors (every "
+                    "trainable LoRA parameter, a missing gradient as zeros), which is what a static graph declares")
+    if world_size == 1 and (cfg.memory.ddp_gradient_as_bucket_view or cfg.memory.ddp_static_graph):
+        logger.info("--ddp_* flags only matter with several processes (accelerate launch --num_processes N)")
     return accelerator
 
 
