@@ -263,6 +263,9 @@ def swap_check(device: torch.device) -> None:
         return float(out.loss.detach()), [q.grad.float().clone() for q in network.parameters()]
 
     ref_loss, ref = once()
+    _, again = once()  # the same step again without swap: the device's own run-to-run noise
+    noise = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(again, ref))
+    print(f"no-swap repeat: max relative LoRA-grad difference {noise:.2e}", flush=True)
     swapper = BlockSwapper(flux_block_sequence(flux), swapped_positions(flux, 4), device)
     move_except(flux, device, swapper.swapped_parameters())
     flux.requires_checkpointing = True
@@ -282,6 +285,8 @@ def gpu_suite(args) -> None:
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     swap_check(device)
+    if args.swap_check_only:
+        return
     flux = random_model(FULL, torch.bfloat16, device)
     results = []
     cases = [Case(resolution=r, dtype="bf16", ckpt=c, swap=s) for r in (1024, 512) for (c, s) in
@@ -321,6 +326,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--swap_check_only", action="store_true")
     args = ap.parse_args()
     medium(args) if args.config == "medium" else gpu_suite(args)
 

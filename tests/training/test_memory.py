@@ -202,3 +202,18 @@ def test_settings_fields_match_flow_settings():
     # The test settings above must stay a complete FlowSettings (a new field would make them silently stale).
     names = {f.name for f in dataclasses.fields(step_module.FlowSettings)}
     assert names == set(_settings().__dict__)
+
+
+def test_preflight_refuses_swap_without_checkpointing():
+    from types import SimpleNamespace
+
+    from fluxlora.training.memory import check_memory_flags
+
+    info = SimpleNamespace(params=FluxParams.dev())
+    cfg = SimpleNamespace(memory=SimpleNamespace(blocks_to_swap=19, gradient_checkpointing=False))
+    with pytest.raises(ConfigError, match="--blocks_to_swap 19 needs --gradient_checkpointing"):
+        check_memory_flags(cfg, info)
+    cfg = SimpleNamespace(memory=SimpleNamespace(blocks_to_swap=36, gradient_checkpointing=True))
+    with pytest.raises(ConfigError, match="at most 35"):
+        check_memory_flags(cfg, info)
+    check_memory_flags(SimpleNamespace(memory=SimpleNamespace(blocks_to_swap=35, gradient_checkpointing=True)), info)
