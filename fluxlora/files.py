@@ -80,12 +80,18 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def remove_stale_temp_files(directory: str | Path) -> int:
-    """Delete leftovers of interrupted atomic writes (`.<name>.<random>.tmp`) in `directory`; return how many."""
+    """Delete leftovers of interrupted atomic writes and state saves (`.<name>.<random>.tmp` files and folders) in
+    `directory`; return how many."""
+    import shutil
+
     directory = Path(directory)
     count = 0
     if directory.is_dir():
         for tmp in directory.glob(".*.tmp"):
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
                 count += 1
     return count

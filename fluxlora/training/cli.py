@@ -9,6 +9,7 @@ from fluxlora.config.config_file import maybe_write_output_config
 from fluxlora.config.defaults import describe_differences
 from fluxlora.config.train_config import TrainConfig, parse_train_config
 from fluxlora.errors import FluxLoraError
+from fluxlora.files import remove_stale_temp_files
 from fluxlora.training.preflight import Preflight, run_preflight
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,11 @@ def train(argv: list[str]):
     from fluxlora.training.setup import build_run
     from fluxlora.training.trainer import Trainer
 
+    run = build_run(cfg, pre)  # errors found while loading (e.g. a LoRA that does not fit) leave no output folder
     cfg.saving.output_dir.mkdir(parents=True, exist_ok=True)
-    result = Trainer(build_run(cfg, pre)).train()
+    if run.is_main:
+        remove_stale_temp_files(cfg.saving.output_dir)  # leftovers of saves interrupted by a crash
+    result = Trainer(run).train()
     print(f"done: {result.global_step} steps; LoRA saved to {result.final_lora}")
     return result
 

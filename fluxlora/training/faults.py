@@ -4,8 +4,9 @@ Unset (always, outside tests) every hook returns at once and changes nothing. Se
 `name=value` entries that make failures happen at named points, reproducibly and without mocks, also inside a
 training subprocess:
 
-    nan_loss=3,5-7       the loss of optimizer steps 3, 5, 6 and 7 (1-based, the step being computed) is NaN,
-                         so its gradients are NaN too (the NaN guard must skip those steps)
+    nan_loss=3,5-7       the loss of optimizer-step attempts 3, 5, 6 and 7 is NaN, so its gradients are NaN too
+                         (the NaN guard must skip them); attempt n = steps taken + skipped attempts of the current
+                         non-finite streak + 1, so `nan_loss=3` spoils one attempt and `nan_loss=3-9` a streak
     slow_write=0.05      every atomic file write sleeps this many seconds after writing its bytes and before the
                          rename into place, so a kill at a random moment lands inside a save
     disk_full=optimizer  an atomic write whose file name contains this text fails with ENOSPC after writing part
@@ -50,10 +51,10 @@ def _steps(spec: str) -> set[int]:
     return steps
 
 
-def loss_for_step(loss: torch.Tensor, step: int) -> torch.Tensor:
-    """The loss, or NaN (keeping the graph, so the gradients are NaN too) when `nan_loss` names `step`."""
+def loss_for_step(loss: torch.Tensor, attempt: int) -> torch.Tensor:
+    """The loss, or NaN (keeping the graph, so the gradients are NaN too) when `nan_loss` names `attempt`."""
     spec = _settings().get("nan_loss")
-    if spec and step in _steps(spec):
+    if spec and attempt in _steps(spec):
         return loss * float("nan")
     return loss
 

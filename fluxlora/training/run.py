@@ -269,7 +269,12 @@ class Run:
 
     def remove_dir(self, path: Path) -> None:
         if self.is_main and path.is_dir():
-            shutil.rmtree(path)
+            # rename first (atomic), then delete: a crash mid-delete never leaves a half-deleted state folder that
+            # still looks complete under its final name
+            doomed = path.with_name(f".{path.name}.removing.tmp")
+            shutil.rmtree(doomed, ignore_errors=True)
+            path.rename(doomed)
+            shutil.rmtree(doomed)
             logger.info("removed %s (retention)", path)
 
     def sample(self, *, epoch: int | None, step: int) -> None:

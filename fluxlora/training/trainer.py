@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 import sys
@@ -34,7 +35,7 @@ from fluxlora.training.validation import validation_loss
 
 logger = logging.getLogger(__name__)
 
-SIGNAL_REPEAT_S = 2.0  # a repeated stop signal within this time is the same request (launcher forwarding)
+SIGNAL_REPEAT_S = 2.0  # under torchrun, a repeated stop signal within this time is the same request
 NAN_ADVICE = ("usual causes: --mixed_precision fp16 on FLUX (use bf16), a learning rate that is too high, "
               "or fp8 base weights with Prodigy/D-Adaptation")
 
@@ -100,7 +101,7 @@ class Trainer:
                 first_row = math.ceil(self.counters.batch_in_epoch / n)
                 for row, batch in enumerate(loader, start=first_row):
                     out = self._forward(batch, epoch, batch["batch_index"])
-                    out.loss = faults.loss_for_step(out.loss, self.counters.global_step + 1)  # tests only
+                    out.loss = faults.loss_for_step(out.loss, self.counters.global_step + self.counters.nan_streak + 1)
                     run.backward(out.loss / accum)
                     micro_losses.append(float(out.loss.detach()))
                     self.counters.batch_in_epoch = min((row + 1) * n, num_batches)
@@ -271,8 +272,9 @@ class Trainer:
             now = time.monotonic()
             if self.stop_signal is not None:
                 # Under torchrun (accelerate launch) a Ctrl-C reaches a worker twice: from the terminal and
-                # forwarded by the launcher. Only a later, second signal means "leave at once".
-                if now - self._first_signal_at > SIGNAL_REPEAT_S:
+                # forwarded by the launcher. There only a later, second signal means "leave at once".
+                window = SIGNAL_REPEAT_S if os.environ.get("TORCHELASTIC_RUN_ID") else 0.0
+                if now - self._first_signal_at > window:
                     raise KeyboardInterrupt
                 return
             self.stop_signal, self._first_signal_at = signum, now

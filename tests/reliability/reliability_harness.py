@@ -12,7 +12,7 @@ Jobs ("mode"):
           the newest complete state. After every kill: every file with a final name must load, and the newest
           complete state must be at least as new as before the kill and load. Then one last child finishes the
           run, and a reference child trains the same run without interruption.
-  signal  send `signal` to a child after it reported step `at_step`, record its exit code and stderr, resume
+  signal  for each of `cases`: send `signal` to a child after it reported step `at_step`, record its exit code and stderr, resume
           from the state it saved to the end, and train a reference run without interruption.
 """
 
@@ -191,11 +191,11 @@ def main() -> None:
 
     # Warm-up: load the models once here (no autograd: forking stays safe), so every lazy import of the load
     # path (transformers' encoders, accelerate, schedulers) is done once and shared by all children.
-    prepared = prepare(list(job["argv"]))
+    prepared = prepare(list(job["argv"] if "argv" in job else job["cases"][0]["argv"]))
     assert prepared is not None
     build_run(*prepared)
 
-    result = kill_job(job) if job["mode"] == "kill" else signal_job(job)
+    result = kill_job(job) if job["mode"] == "kill" else [signal_job(case) for case in job["cases"]]
     Path(sys.argv[2]).write_text(json.dumps(result, indent=1))
 
 

@@ -64,6 +64,7 @@ def test_sigkill_during_saves_20_times_loses_nothing_and_resume_is_exact(argv_fo
     assert sum(bool(life["temp_left"]) for life in lives) >= 3, [life["temp_left"] for life in lives]
     assert result["final_exit_code"] == 0, result["final_log"]
     assert result["final_problems"] == []
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # leftovers of crashes are cleaned up
     # resumed 20 times from whatever survived, the run equals the uninterrupted one, bit for bit
     a, b = lora_tensors(out / "lora.safetensors"), lora_tensors(ref / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
