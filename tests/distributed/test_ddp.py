@@ -5,7 +5,7 @@ One 2-process run of 10 steps (step-5 state, disk caches) is shared by the tests
   of the two processes' batches (gradient accumulation 2 over the same two batches of the epoch list: the same
   images, captions and noise, since every draw is a function of (seed, epoch, batch index));
 - the disk caches are built once: each process encodes its share, no file twice;
-- a second 2-process run resumed from the step-5 state gives the losses and LoRA of the uninterrupted run, and
+- a 2-process run interrupted by Ctrl-C and resumed gives the losses and LoRA of the uninterrupted run, and
   leaves exactly one set of complete output files.
 """
 
@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from fluxlora.training.cli import train
 from fluxlora.training.state import load_state
 
-from ddp_launch import REPO, accelerate_launch
+from ddp_launch import REPO, accelerate_launch, launch_and_interrupt
 
-# Two processes each importing torch/transformers on a 2-core CPU: ~30-50 s for the shared run, ~30 s for the resume.
+# Two processes each importing torch/transformers on a 2-core CPU: ~30-50 s per launch (three launches).
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).resolve().parent
@@ -98,29 +98,42 @@ def test_disk_caches_are_built_once_across_processes(two_process_run, ddp_datase
     assert len(list(ddp_dataset.glob("*_flux_te.safetensors"))) == 8
 
 
-def test_resumed_two_process_run_continues_exactly_with_one_set_of_outputs(two_process_run, tiny_ckpts, ddp_dataset):
-    base, first = two_process_run["base"], two_process_run["out"]
-    state = first / f"lora-step{SAVE_EVERY:08d}-state"
-    saved = load_state(state)
+def test_step_state_of_a_two_process_run_holds_every_process_rng(two_process_run):
+    saved = load_state(two_process_run["out"] / f"lora-step{SAVE_EVERY:08d}-state")
     assert saved.counters.global_step == SAVE_EVERY
     assert len(saved.rng_by_process) == 2  # every process's RNG state is in the folder
     assert saved.fingerprint["num_processes"] == 2
 
-    out = base / "resumed"
-    argv = _argv(tiny_ckpts, ddp_dataset, base / "resume.toml", out, f"--max_train_steps={STEPS}", "--save_state",
-                 f"--resume={state}")
+
+def test_interrupted_two_process_run_resumes_exactly_with_one_set_of_outputs(two_process_run, tiny_ckpts,
+                                                                              ddp_dataset):
+    """Ctrl-C (SIGINT to every process and the launcher) after step 1: all processes stop after the same step and
+    the main one saves; the resumed run ends as the uninterrupted one, bit for bit."""
+    base, first = two_process_run["base"], two_process_run["out"]
+    out = base / "interrupted"
+    argv = _argv(tiny_ckpts, ddp_dataset, base / "int.toml", out, f"--max_train_steps={STEPS}", "--save_state",
+                 "--save_every_n_steps=1")
+    code, log = launch_and_interrupt(REPO / "flux_train_network.py", argv, out / "lora-step00000001.safetensors")
+    assert code != 0 and "interrupted by SIGINT at step" in log, log[-4000:]
+    stopped = load_state(out / "lora-state")
+    assert 1 <= stopped.counters.global_step < STEPS and len(stopped.rng_by_process) == 2
+    assert (out / "lora-interrupted.safetensors").is_file()
+
+    resumed_out = base / "resumed"
+    argv = _argv(tiny_ckpts, ddp_dataset, base / "resume.toml", resumed_out, f"--max_train_steps={STEPS}",
+                 "--save_state", f"--resume={out / 'lora-state'}")
     log = _check(accelerate_launch(REPO / "flux_train_network.py", argv))  # the sd-scripts entry point
 
-    full, resumed = load_state(first / "lora-state"), load_state(out / "lora-state")
+    full, resumed = load_state(first / "lora-state"), load_state(resumed_out / "lora-state")
     assert resumed.counters.global_step == STEPS
     assert resumed.counters.loss_history == full.counters.loss_history  # same losses as uninterrupted
-    a, b = load_file(str(first / "lora.safetensors")), load_file(str(out / "lora.safetensors"))
+    a, b = load_file(str(first / "lora.safetensors")), load_file(str(resumed_out / "lora.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the caches of the first run are reused by both processes
     assert sorted(_cache_counts(log, "latent cache")) == [(4, 0), (4, 0)]
     # one set of outputs, no temporary or partial files, each written once (only the main process saves)
-    assert sorted(p.name for p in out.iterdir()) == ["lora-state", "lora.safetensors", "loss.png"]
-    assert sorted(p.name for p in (out / "lora-state").iterdir()) == sorted(
+    assert sorted(p.name for p in resumed_out.iterdir()) == ["lora-state", "lora.safetensors", "loss.png"]
+    assert sorted(p.name for p in (resumed_out / "lora-state").iterdir()) == sorted(
         ["COMPLETE", "network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "rng_1.pt",
          "train_state.json"])
-    assert log.count(f"saved {out / 'lora.safetensors'}") == 1
+    assert log.count(f"saved {resumed_out / 'lora.safetensors'}") == 1
