@@ -98,7 +98,8 @@ def test_validation_is_sharded_without_padding_and_sums_to_the_single_process_me
     first2 = validation_loss(loader(0, 1), score, latents_of, seed=5, max_batches=2)
     validation_loss(loader(1, 2), score, latents_of, seed=5, max_batches=2, reduce_sum=capture)
     assert validation_loss(loader(0, 2), score, latents_of, seed=5, max_batches=2,
-                           reduce_sum=lambda t: t + captured[-1]) == pytest.approx(first2, rel=1e-12)
+                           reduce_sum=lambda t: t + captured[-1]) \
+        == pytest.approx(first2, rel=1e-12)
 
 
 class _TwoProcessReduce:

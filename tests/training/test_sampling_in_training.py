@@ -17,7 +17,8 @@ def test_sampling_every_step_leaves_losses_bit_identical(train_argv, tmp_path):
     sampled = train(train_argv("--max_train_steps=3", f"--sample_prompts={prompts}", "--sample_every_n_steps=1",
                                "--sample_at_first", output_dir=tmp_path / "sampled"))
     assert sampled.losses == plain.losses and len(plain.losses) == 3
-    a, b = load_file(str(tmp_path / "plain" / "lora.safetensors")), load_file(str(tmp_path / "sampled" / "lora.safetensors"))
+    a = load_file(str(tmp_path / "plain" / "lora.safetensors"))
+    b = load_file(str(tmp_path / "sampled" / "lora.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     images = sorted(p.name for p in (tmp_path / "sampled" / "sample").glob("*.png") if "_grid" not in p.name)
