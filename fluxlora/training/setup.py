@@ -83,7 +83,21 @@ def run_fingerprint(cfg: TrainConfig, pre: Preflight, num_processes: int = 1) ->
         **({"num_processes": num_processes} if num_processes > 1 else {}),
         "dataset": {"train_images": d.num_train_images, "reg_images": d.num_reg_images,
                     "batches_per_epoch": d.num_batches_per_epoch},
+        "dataset_images": dataset_digest(pre),
     }
+
+
+def dataset_digest(pre: Preflight) -> str:
+    """Digest of what the data stream depends on: each training image's file name, size, bucket, repeats and raw
+    caption, and the batch sizes. File names only, so a moved dataset folder still resumes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for dataset in pre.data.datasets:
+        digest.update(f"batch {dataset.config.batch_size}\n".encode())
+        for e in dataset.entries:
+            digest.update(f"{e.path.name}|{e.size}|{e.bucket}|{e.num_repeats}|{e.caption}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _seed_everything(seed: int) -> None:
