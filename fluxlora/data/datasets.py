@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from fluxlora.config.dataset import DatasetBlueprint, DatasetConfig, SubsetConfig
 from fluxlora.data.buckets import assign_bucket, make_buckets
 from fluxlora.data.captions import CaptionOptions, caching_blockers, read_caption, static_caption
-from fluxlora.data.images import IMAGE_EXTENSIONS, image_size, list_images
+from fluxlora.data.images import IMAGE_EXTENSIONS, check_complete, image_size, list_images
 from fluxlora.errors import DatasetError
 
 if TYPE_CHECKING:
@@ -469,6 +469,7 @@ def _build_dataset(
             if size is None:
                 try:
                     size = image_size(path)
+                    check_complete(path)  # a cut-short PNG fails here, before any weights load
                 except DatasetError as err:
                     if skip_bad:
                         logger.warning("skipping image %s", err)

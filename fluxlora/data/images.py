@@ -107,6 +107,20 @@ def image_size(path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, 
     return width, height
 
 
+def check_complete(path: Path) -> None:
+    """For a PNG, walk every chunk and its CRC without decoding pixels: a cut-short download fails here, up front,
+    rather than when the image is first loaded mid-training. (JPEG has no such cheap check: valid files may carry
+    trailing data after the end marker.)"""
+    if Path(path).suffix.lower() != ".png":
+        return
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for damaged data
+        raise DatasetError(f"{path}: PNG data is damaged or cut short ({err}); delete or re-export it",
+                           path=path) from err
+
+
 def _to_srgb_from_cmyk(image: Image.Image) -> Image.Image:
     """CMYK -> RGB through the embedded ICC profile when there is one (Pillow's naive formula otherwise)."""
     icc = image.info.get("icc_profile")

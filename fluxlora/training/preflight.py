@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from fluxlora.config.dataset import DatasetBlueprint, DatasetDefaults, blueprint_from_flags, load_dataset_config
 from fluxlora.config.train_config import TrainConfig, check_caching_conflicts, dataset_defaults_kwargs
 from fluxlora.data.datasets import TrainingData, build_training_data
-from fluxlora.errors import ConfigError
+from fluxlora.errors import CheckpointError, ConfigError
 from fluxlora.models.checkpoints import ModelKind, read_header, require_kind
 from fluxlora.models.flux_loading import FluxInfo, inspect_flux
 from fluxlora.models.tokenizers import t5_max_length_for
@@ -55,11 +56,31 @@ def check_model_files(cfg: TrainConfig) -> FluxInfo:
     return info
 
 
+def check_network_weights(cfg: TrainConfig, info: FluxInfo) -> None:
+    """`--network_weights` must be a readable safetensors LoRA made for the same FLUX variant as the base model."""
+    path = cfg.network.network_weights
+    if path is None:
+        return
+    header = read_header(path, flag="--network_weights")
+    architecture = header.metadata.get("modelspec.architecture", "")
+    trained_on = next((v for v in ("schnell", "dev") if architecture.startswith(f"flux-1-{v}")), None)
+    if trained_on is not None and trained_on != info.variant:
+        raise CheckpointError(
+            f"--network_weights {path}: this LoRA was trained on FLUX.1-{trained_on} (modelspec.architecture "
+            f"{architecture}) but --pretrained_model_name_or_path is FLUX.1-{info.variant}; use a base model of the "
+            "same variant (dev and schnell LoRAs do not carry over)", path=path, key="--network_weights")
+
+
 def load_blueprint(cfg: TrainConfig) -> DatasetBlueprint:
     defaults = DatasetDefaults(**dataset_defaults_kwargs(cfg))
     if cfg.dataset_flags.dataset_config is not None:
         return load_dataset_config(cfg.dataset_flags.dataset_config, defaults)
     return blueprint_from_flags(defaults)
+
+
+# A FLUX LoRA of rank 16-32 in fp32 is 80-300 MB and a state folder about three times that: with less free space
+# than this the first save would fail, so say so before loading any weights.
+MIN_FREE_BYTES = 256 * 2**20
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -73,6 +94,11 @@ def check_output_dir(output_dir: Path) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"--output_dir {output_dir}: {probe} is not writable; choose a folder you can write to",
                           path=output_dir, key="--output_dir")
+    free = shutil.disk_usage(probe).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(f"--output_dir {output_dir}: only {free // 2**20} MiB free on its disk, less than the "
+                          f"{MIN_FREE_BYTES // 2**20} MiB a LoRA and its state need; free space or choose another "
+                          "folder", path=output_dir, key="--output_dir")
 
 
 def check_resume_dir(resume: Path | None) -> None:
@@ -91,6 +117,7 @@ def run_preflight(cfg: TrainConfig) -> Preflight:
     info = check_model_files(cfg)
     check_memory_flags(cfg, info)
     t5_len = t5_max_length_for(info.variant, cfg.flow.t5xxl_max_token_length)
+    check_network_weights(cfg, info)
     check_output_dir(cfg.saving.output_dir)
     check_resume_dir(cfg.saving.resume)
     blueprint = load_blueprint(cfg)

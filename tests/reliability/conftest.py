@@ -5,33 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from reliability_data import write_dataset, write_toml
 
 HERE = Path(__file__).resolve().parent
-
-
-def write_dataset(folder: Path, *, count: int = 4, size: int = 64, seed: int = 0) -> Path:
-    """`count` noisy images with a red square, each with a multi-tag caption (so caption shuffling matters)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        pixels = (rng.random((size, size, 3)) * 255).astype("uint8")
-        pixels[size // 4: 3 * size // 4, size // 4: size // 2] = (230, 20, 20)  # not mirror-symmetric: flips matter
-        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(f"sks, red square, photo, noise {i}, detailed", encoding="utf-8")
-    return folder
-
-
-def write_toml(path: Path, image_dir: Path, *, resolution: int = 64, batch_size: int = 2, general: str = "",
-               subset: str = "") -> Path:
-    path.write_text(
-        f'[general]\ncaption_extension = ".txt"\n{general}\n[[datasets]]\nresolution = {resolution}\n'
-        f'batch_size = {batch_size}\n  [[datasets.subsets]]\n  image_dir = "{image_dir.as_posix()}"\n  {subset}\n',
-        encoding="utf-8",
-    )
-    return path
 
 
 def model_flags(tiny) -> list[str]:

@@ -91,7 +91,7 @@ def saved_state(argv_for, tmp_path):
 ], ids=["network-shape", "optimizer", "accumulation", "seed", "captions", "more-images"])
 def test_resume_with_changed_settings_is_refused_with_the_differences(argv_for, tmp_path, saved_state, change,
                                                                       named):
-    from conftest import write_dataset
+    from reliability_data import write_dataset
 
     extra: list[str] = [] if isinstance(change, str) else change
     images = None
@@ -111,7 +111,7 @@ def test_resume_with_changed_settings_is_refused_with_the_differences(argv_for, 
 
 
 def test_moved_dataset_folder_still_resumes_and_resume_force_overrides(argv_for, tmp_path, saved_state):
-    from conftest import write_dataset
+    from reliability_data import write_dataset
 
     moved = write_dataset(tmp_path / "elsewhere" / "img")  # same files in another folder: the same run
     result = train(argv_for("--max_train_steps=2", f"--resume={saved_state}", out=tmp_path / "moved", images=moved,
