@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -155,7 +156,14 @@ def rng_file_name(process_index: int) -> str:
 
 
 def _load_pt(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only=True refused the file without running anything in it; never suggest weights_only=False
+        raise CheckpointError(
+            f"--resume {path.parent}: {path.name} holds objects other than tensors and plain containers (a damaged "
+            "or tampered file; refused without unpickling it); resume from another state",
+            path=path, key="--resume") from err
 
 
 def load_state(directory: str | Path) -> LoadedState:

@@ -28,3 +28,12 @@ def write_toml(path: Path, image_dir: Path, *, resolution: int = 64, batch_size:
         encoding="utf-8",
     )
     return path
+
+
+def model_flags(tiny) -> list[str]:
+    return [f"--pretrained_model_name_or_path={tiny.flux_dev}", f"--clip_l={tiny.clip_l}", f"--t5xxl={tiny.t5xxl}",
+            f"--ae={tiny.ae}"]
+
+
+COMMON = ["--output_name=lora", "--network_module=networks.lora_flux", "--network_dim=4", "--learning_rate=1e-3",
+          "--seed=7", "--t5xxl_max_token_length=16", "--network_train_unet_only"]
