@@ -135,7 +135,7 @@ def read_header(path: str | Path, *, flag: str | None = None) -> SafetensorsHead
             begin, end = int(begin), int(end)
         except (KeyError, TypeError, ValueError):
             raise bad(f"malformed entry for tensor {name!r}") from None
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:  # a JSON list/object here is no dtype
             raise bad(f"tensor {name!r} has unsupported dtype {dtype}")
         if any(s < 0 for s in shape) or not 0 <= begin <= end:
             raise bad(f"tensor {name!r} has an invalid shape or byte range")
