@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from fluxlora.config.dataset import DatasetDefaults, load_dataset_config
 from fluxlora.data.datasets import build_training_data
-from fluxlora.errors import CheckpointError, DatasetError, FluxLoraError
+from fluxlora.errors import CheckpointError, FluxLoraError
 from fluxlora.files import save_safetensors
 from fluxlora.models.checkpoints import read_header
 from fluxlora.network.saving import read_lora
