@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import torch
 
 from fluxlora.models.diffusers_keys import bfl_to_diffusers
 from fluxlora.models.flux_loading import load_flux
-from fluxlora.models.tiny import random_flux_inputs
+from fluxlora.files import save_safetensors
+from fluxlora.models.tiny import random_flux, random_flux_inputs, tiny_flux_params
 from fluxlora.training.cli import train
 
 GUIDE_FLAGS = [
@@ -59,8 +61,12 @@ def _diffusers_output(state_dict, params, inputs):
 def test_guide_command_line_runs_verbatim_and_diffusers_loads_the_lora(tiny_ckpts, tiny_dataset, tmp_path, monkeypatch):
     models = tmp_path / "models"
     models.mkdir()
-    for role, name in (("flux_dev", "flux1-dev"), ("clip_l", "clip_l"), ("t5xxl", "t5xxl"), ("ae", "ae")):
+    for role, name in (("clip_l", "clip_l"), ("t5xxl", "t5xxl"), ("ae", "ae")):
         shutil.copyfile(getattr(tiny_ckpts, role), models / f"{name}.safetensors")
+    # `--blocks_to_swap=18` swaps 9 double + 18 single blocks and needs 2 of each left on the device: a tiny-width
+    # FLUX with 11 + 20 blocks, so the guide's value is valid (block swap runs on the CPU with the same scheduling).
+    deep = dataclasses.replace(tiny_flux_params("dev"), depth=11, depth_single_blocks=20)
+    save_safetensors(models / "flux1-dev.safetensors", random_flux(deep, seed=0).state_dict())
     images = tmp_path / "images"
     images.mkdir()
     for src in sorted(tiny_dataset.iterdir())[:4]:  # two images (+ captions): one step per epoch
