@@ -216,6 +216,7 @@ def sample_during_training(
     on_stage: Callable[[str], None] | None = None,
     now: datetime | None = None,
     progress: bool = False,
+    gather: Callable[[Any], list[Any]] | None = None,
 ) -> list[Path]:
     """Generate the sample images of one event, write them and the grid, log them; return the written paths.
 
@@ -225,14 +226,25 @@ def sample_during_training(
     share; `_grid.png` becomes `_grid_rank{r}.png`). Training state — RNGs, train/eval flags, autograd — is untouched.
     """
     mine = list(enumerate(prompts))[process_index::num_processes]
-    if not mine:
+    if not mine and gather is None:
         return []
     timestamp = (now or datetime.now()).strftime("%Y%m%d%H%M%S")
-    logger.info("sampling %d image(s) at %s", len(mine), f"epoch {epoch}" if epoch is not None else f"step {step}")
-    with preserved_rng_state(), eval_mode([flux, ae, *modules]), torch.no_grad():
-        images = generate_images(flux, ae, encode_fn, [p for _, p in mine], variant=variant, device=device,
-                                 dtype=dtype, apply_t5_attn_mask=apply_t5_attn_mask, progress=progress,
-                                 on_stage=on_stage, extra_info={"step": str(step), "epoch": str(epoch)})
+    images: list[Image.Image] = []
+    if mine:
+        logger.info("sampling %d image(s) at %s", len(mine), f"epoch {epoch}" if epoch is not None else f"step {step}")
+        with preserved_rng_state(), eval_mode([flux, ae, *modules]), torch.no_grad():
+            images = generate_images(flux, ae, encode_fn, [p for _, p in mine], variant=variant, device=device,
+                                     dtype=dtype, apply_t5_attn_mask=apply_t5_attn_mask, progress=progress,
+                                     on_stage=on_stage, extra_info={"step": str(step), "epoch": str(epoch)})
+    if gather is not None and num_processes > 1:
+        # Every process generated its share; the main process alone writes all files (one set of outputs).
+        shares = gather([(index, image) for (index, _), image in zip(mine, images, strict=True)])
+        if process_index != 0:
+            return []
+        pairs = sorted((pair for share in shares for pair in share), key=lambda pair: pair[0])
+        mine = [(index, prompts[index]) for index, _ in pairs]
+        images = [image for _, image in pairs]
+        num_processes = 1  # the grid holds every prompt: no rank suffix
     paths = []
     for (index, _), image in zip(mine, images, strict=True):
         path = sample_image_path(output_dir, output_name, step=step, epoch=epoch, index=index,

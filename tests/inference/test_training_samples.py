@@ -167,3 +167,17 @@ def test_sampling_does_not_change_the_training_trajectory(tiny_ckpts, tiny_model
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert tail_a == tail_b  # python/numpy RNGs and every module's train/eval flag
     assert tail_b[2] is True and False in tail_b[2:]  # the mix of modes really was there to restore
+
+
+def test_with_gather_only_the_main_process_writes_every_prompt(tiny_models, tmp_path):
+    prompts = PROMPTS + [SamplePrompt("a bird", width=32, height=32, seed=3, steps=1)]
+    common = dict(flux=tiny_models.flux["schnell"], ae=tiny_models.ae, encode_fn=tiny_models.encode_fn("schnell"),
+                  prompts=prompts, output_dir=tmp_path, output_name=None, step=0, epoch=0, variant="schnell",
+                  device="cpu", num_processes=2, now=NOW)
+    shares: list = []
+    # Process 1 generates its share and hands it over; it writes nothing.
+    assert sample_during_training(**common, process_index=1, gather=lambda share: shares.append(share) or []) == []
+    assert not (tmp_path / "sample").exists()
+    paths = sample_during_training(**common, process_index=0, gather=lambda share: [share, shares[0]])
+    assert [p.name for p in paths] == ["e000000_00_20250304050607_1.png", "e000000_01_20250304050607_2.png",
+                                       "e000000_02_20250304050607_3.png", "e000000_20250304050607_grid.png"]
