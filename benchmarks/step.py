@@ -314,9 +314,34 @@ def gpu_suite(args) -> None:
     print(json.dumps(results))
 
 
+def gpu_compile(args) -> None:
+    """Eager vs regional torch.compile (each block's forward compiled) at full size, same process and weights."""
+    from fluxlora.training.compile import compile_blocks
+
+    device = torch.device("cuda")
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    flux = random_model(FULL, torch.bfloat16, device)
+    cases = [Case(resolution=r, dtype="bf16") for r in (1024, 512)]
+    eager = [run_case(flux, FULL, c, device, steps=args.steps, warmup=args.warmup) for c in cases]
+    for r in eager:
+        report(r)
+    start = time.perf_counter()
+    compile_blocks(flux)
+    compiled = []
+    for case in cases:
+        r = run_case(flux, FULL, case, device, steps=args.steps, warmup=args.warmup)
+        r["case"] += " compiled"
+        report(r)
+        compiled.append(r)
+    print(f"compile + compiled runs took {time.perf_counter() - start:.1f} s in all")
+    for e, c in zip(eager, compiled, strict=True):
+        print(f"{e['case']}: compiled / eager step time = {c['s_per_step'] / e['s_per_step']:.3f}")
+    print(json.dumps(eager + compiled))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=["medium", "gpu-suite"], default="medium")
+    ap.add_argument("--config", choices=["medium", "gpu-suite", "gpu-compile"], default="medium")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--ckpt", action="store_true", help="per-block gradient checkpointing")
     ap.add_argument("--resolution", type=int, default=256)
@@ -328,7 +353,7 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--swap_check_only", action="store_true")
     args = ap.parse_args()
-    medium(args) if args.config == "medium" else gpu_suite(args)
+    {"medium": medium, "gpu-suite": gpu_suite, "gpu-compile": gpu_compile}[args.config](args)
 
 
 if __name__ == "__main__":

@@ -55,3 +55,13 @@ def test_loss_falls_when_overfitting_one_image(train_argv, tmp_path):
                               "--network_dim=8", "--cache_latents", batch_size=1))
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
+
+
+def test_initial_step_starts_at_the_absolute_step_and_skips_its_batches(train_argv, tmp_path):
+    # A negligible learning rate keeps the LoRA at its start, so equal losses mean equal batches and draws.
+    full = train(train_argv("--max_train_steps=4", "--learning_rate=1e-12", output_dir=tmp_path / "full"))
+    late = train(train_argv("--max_train_steps=4", "--learning_rate=1e-12", "--initial_step=2",
+                            "--save_every_n_steps=3", output_dir=tmp_path / "late"))
+    assert late.global_step == 4
+    assert late.losses == pytest.approx(full.losses[2:], rel=1e-6)  # steps 3 and 4 of the full run
+    assert (tmp_path / "late" / "lora-step00000003.safetensors").is_file()  # file names use the absolute step
