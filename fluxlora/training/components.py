@@ -210,6 +210,6 @@ def latent_encoder(ae: AutoEncoder, precision: Precision, device: torch.device) 
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         latents = ae.encode(pixels.to(device=device, dtype=precision.ae)).float()
-        return torch.nan_to_num(latents)
+        return latents  # non-finite values stay visible: the cache refuses them, the NaN guard skips the step
 
     return encode
