@@ -5,91 +5,44 @@ the first one set among subset -> dataset -> general -> command line -> built-in
 every problem in the file is reported at once with its key path and a hint; `interpolation_type` (the guide's
 name) is an alias of `resize_interpolation`; an int where a float is expected is accepted (`validation_split = 1`),
 and an integral float where an int is expected; sizes are checked against FLUX's multiple-of-16 rule.
-Nothing here touches image files; `fluxlora.data.datasets` turns the blueprint into images and batches.
+The key table, value types and file parsing live in `fluxlora.config.dataset_schema`. Nothing here touches
+image files; `fluxlora.data.datasets` turns the blueprint into images and batches.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import logging
-import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fluxlora.errors import DatasetError
+from fluxlora.config.dataset_schema import (
+    DATASET,
+    FLUX_MULTIPLE,
+    GENERAL,
+    INTERPOLATIONS,
+    SUBSET,
+    Problems,
+    Resolver,
+    parse_file,
+    read_table,
+    suggest,
+)
 
 logger = logging.getLogger(__name__)
 
-INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
-FLUX_MULTIPLE = 16  # 8x autoencoder downsampling, then 2x2 patches
-
-_G, _D, _S = "general", "dataset", "subset"
-_ALL = frozenset({_G, _D, _S})
-_DS = frozenset({_G, _D})
-_SUB = frozenset({_S})
-
-# key -> (kind, levels, built-in default). Kinds are checked by _coerce.
-_SCHEMA: dict[str, tuple[str, frozenset[str], Any]] = {
-    # dataset-level keys (general or [[datasets]])
-    "batch_size": ("pos_int", _DS, 1),
-    "resolution": ("resolution", _DS, None),
-    "enable_bucket": ("bool", _DS, False),
-    "min_bucket_reso": ("pos_int", _DS, 256),
-    "max_bucket_reso": ("pos_int", _DS, 1024),
-    "bucket_reso_steps": ("pos_int", _DS, 64),
-    "bucket_no_upscale": ("bool", _DS, False),
-    "network_multiplier": ("float", _DS, 1.0),
-    "validation_split": ("fraction", _DS, 0.0),
-    "validation_seed": ("int", _DS, None),
-    # subset keys that may also be set higher up as defaults ("ascendable")
-    "resize_interpolation": ("interpolation", _ALL, None),
-    "num_repeats": ("pos_int", _ALL, 1),
-    "shuffle_caption": ("bool", _ALL, False),
-    "caption_separator": ("str", _ALL, ","),
-    "keep_tokens": ("nonneg_int", _ALL, 0),
-    "keep_tokens_separator": ("str", _ALL, ""),
-    "secondary_separator": ("str", _ALL, None),
-    "enable_wildcard": ("bool", _ALL, False),
-    "color_aug": ("bool", _ALL, False),
-    "flip_aug": ("bool", _ALL, False),
-    "random_crop": ("bool", _ALL, False),
-    "face_crop_aug_range": ("range", _ALL, None),
-    "caption_prefix": ("str", _ALL, None),
-    "caption_suffix": ("str", _ALL, None),
-    "token_warmup_min": ("nonneg_int", _ALL, 1),
-    "token_warmup_step": ("nonneg_float", _ALL, 0.0),
-    "custom_attributes": ("table", _ALL, None),
-    "caption_dropout_rate": ("fraction", _ALL, 0.0),
-    "caption_dropout_every_n_epochs": ("nonneg_int", _ALL, 0),
-    "caption_tag_dropout_rate": ("fraction", _ALL, 0.0),
-    "caption_extension": ("str", _ALL, ".caption"),
-    "class_tokens": ("str", _ALL, None),
-    "cache_info": ("bool", _ALL, False),
-    # subset-only keys
-    "image_dir": ("path", _SUB, None),
-    "metadata_file": ("path", _SUB, None),
-    "is_reg": ("bool", _SUB, False),
-    "alpha_mask": ("bool", _SUB, False),
-}
-_ALIASES = {"interpolation_type": "resize_interpolation"}
-# Keys sd-scripts knows that we refuse, with the reason and what to do instead.
-_REFUSED = {
-    "conditioning_data_dir": "mask/ControlNet subsets are not supported by fluxlora; use alpha_mask = true "
-    "with images that carry an alpha channel",
-}
-# Dataset-level settings that sd-scripts reads from a differently named flag.
-_FLAG_NAMES = {"batch_size": "train_batch_size"}
-_EXPECTED = {
-    "bool": "true or false", "int": "an integer", "pos_int": "an integer >= 1", "nonneg_int": "an integer >= 0",
-    "float": "a number", "nonneg_float": "a number >= 0", "fraction": "a number between 0 and 1",
-    "str": "a string", "path": "a path string", "table": "a table",
-    "interpolation": "one of " + ", ".join(INTERPOLATIONS),
-    "resolution": "an integer or [width, height]", "range": "[low, high] numbers",
-}
+__all__ = [
+    "FLUX_MULTIPLE",
+    "INTERPOLATIONS",
+    "DatasetBlueprint",
+    "DatasetConfig",
+    "DatasetDefaults",
+    "SubsetConfig",
+    "as_mapping",
+    "blueprint_from_flags",
+    "load_dataset_config",
+]
 
 
 @dataclass(frozen=True)
@@ -205,172 +158,6 @@ class DatasetBlueprint:
     source: Path | None = None
 
 
-class _Problems:
-    """Collects every problem of one configuration so the user fixes them in one go."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.items: list[tuple[str, str]] = []
-
-    def add(self, key: str, message: str) -> None:
-        self.items.append((key, message))
-
-    def raise_if_any(self, path: Path | None) -> None:
-        if not self.items:
-            return
-        lines = [f"{k}: {m}" if k else m for k, m in self.items]
-        head = f"{self.source}: {len(lines)} problem{'s' if len(lines) > 1 else ''} in the dataset configuration"
-        err = DatasetError(f"{head}: " + "; ".join(lines), path=path, key=self.items[0][0] or None)
-        err.problems = lines  # type: ignore[attr-defined]
-        raise err
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _coerce(kind: str, value: Any, where: str, problems: _Problems) -> Any:
-    """Check one raw TOML/JSON value against its kind; return the typed value or None after recording a problem."""
-    bad = f"expected {_EXPECTED[kind]}, got {type(value).__name__} {value!r}"
-    if isinstance(value, str) and kind not in ("str", "path", "interpolation"):
-        bad += " (remove the quotes)"
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-    elif kind in ("int", "pos_int", "nonneg_int"):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if _is_int(value):
-            if (kind == "pos_int" and value < 1) or (kind == "nonneg_int" and value < 0):
-                problems.add(where, f"expected {_EXPECTED[kind]}, got {value}")
-                return None
-            return value
-    elif kind in ("float", "nonneg_float", "fraction"):
-        if _is_int(value) or isinstance(value, float):
-            value = float(value)
-            if kind == "fraction" and not 0.0 <= value <= 1.0:
-                hint = f" (for {value:g} % write {value / 100:g})" if 1 < value <= 100 else ""
-                problems.add(where, f"expected a fraction between 0 and 1, got {value:g}{hint}")
-                return None
-            if kind == "nonneg_float" and value < 0:
-                problems.add(where, f"expected a number >= 0, got {value:g}")
-                return None
-            return value
-    elif kind in ("str", "path"):
-        if isinstance(value, str):
-            return Path(value) if kind == "path" else value
-    elif kind == "interpolation":
-        if isinstance(value, str) and value.lower() in INTERPOLATIONS:
-            return value.lower()
-    elif kind == "table":
-        if isinstance(value, dict):
-            return dict(value)
-    elif kind == "resolution":
-        return _resolution(value, where, problems, bad)
-    elif kind == "range":
-        if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            _is_int(v) or isinstance(v, float) for v in value
-        ):
-            return (float(value[0]), float(value[1]))
-    problems.add(where, bad)
-    return None
-
-
-def _resolution(value: Any, where: str, problems: _Problems, bad: str) -> tuple[int, int] | None:
-    """`1024`, `[1024, 768]`, and on the command line `"1024"` or `"1024,768"`, as (width, height)."""
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)?", value) and where.startswith("--"):
-        value = [int(v) for v in value.split(",")]
-    if _is_int(value) or (isinstance(value, float) and value.is_integer()):
-        value = [int(value)] * 2
-    if isinstance(value, (list, tuple)) and len(value) in (1, 2):
-        vals = [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
-        if all(_is_int(v) and v > 0 for v in vals):
-            return (vals[0], vals[-1])
-    problems.add(where, bad)
-    return None
-
-
-def _suggest(key: str, allowed: frozenset[str] | set[str]) -> str:
-    match = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
-
-
-def _read_table(table: Any, level: str, where: str, problems: _Problems) -> dict[str, Any]:
-    """Typed values of one general/dataset/subset table; unknown and misplaced keys are recorded as problems."""
-    if not isinstance(table, dict):
-        problems.add(where, f"expected a table, got {type(table).__name__}")
-        return {}
-    out: dict[str, Any] = {}
-    allowed = {k for k, (_, levels, _) in _SCHEMA.items() if level in levels} | {
-        a for a, k in _ALIASES.items() if level in _SCHEMA[k][1]
-    }
-    for raw_key, value in table.items():
-        path = f"{where}.{raw_key}" if where else raw_key
-        if level == _D and raw_key == "subsets":
-            continue
-        key = _ALIASES.get(raw_key, raw_key)
-        if key in _REFUSED:
-            problems.add(path, _REFUSED[key])
-            continue
-        if key not in _SCHEMA:
-            problems.add(path, f"unknown key{_suggest(raw_key, allowed)}")
-            continue
-        kind, levels, _ = _SCHEMA[key]
-        if level not in levels:
-            home = "each [[datasets.subsets]]" if levels == _SUB else "[general] or [[datasets]]"
-            problems.add(path, f"{raw_key} is not allowed here; set it in {home}")
-            continue
-        if key in out:
-            problems.add(path, f"both {key} and its alias {raw_key} are set; keep one")
-            continue
-        typed = _coerce(kind, value, path, problems)
-        if typed is not None:
-            out[key] = typed
-    return out
-
-
-def _parse_file(path: Path) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read the dataset config ({e.strerror}); check --dataset_config",
-                           path=path) from e
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DatasetError(
-            f"{path}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8", path=path
-        ) from e
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}: line {e.lineno}, column {e.colno}: {e.msg}; fix the JSON", path=path) from e
-    elif suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise DatasetError(_toml_error_message(path, text, e), path=path) from e
-    else:
-        raise DatasetError(f"{path}: unsupported dataset config extension {suffix!r}; use .toml or .json", path=path)
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: the top level must be a table with [general] and [[datasets]]", path=path)
-    return data
-
-
-def _toml_error_message(path: Path, text: str, e: tomllib.TOMLDecodeError) -> str:
-    msg = str(e)
-    lines = text.splitlines() or [""]
-    m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
-    line, col = (int(m.group(1)), int(m.group(2))) if m else (len(lines), len(lines[-1]) + 1)
-    reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", msg)
-    src = lines[line - 1].strip() if 0 < line <= len(lines) else ""
-    hint = "fix the TOML syntax"
-    if "\\" in src and ("escape" in reason.lower() or "\\" in reason or "hex" in reason.lower()):
-        hint = "write Windows paths in single quotes ('C:\\data\\images') or with forward slashes"
-    return f"{path}: line {line}, column {col}: {reason}: `{src}`; {hint}"
-
 
 def load_dataset_config(path: Path, defaults: DatasetDefaults) -> DatasetBlueprint:
     """Read a dataset TOML (or JSON, by extension) and resolve it against the command-line `defaults`.
@@ -379,16 +166,16 @@ def load_dataset_config(path: Path, defaults: DatasetDefaults) -> DatasetBluepri
     the error's `problems` attribute.
     """
     path = Path(path)
-    problems = _Problems(str(path))
-    data = _parse_file(path)
+    problems = Problems(str(path))
+    data = parse_file(path)
     for top in data:
         if top == "validation":
             problems.add("validation", "there is no [validation] table (the guide is wrong); set validation_split = "
                          "0.1 and optionally validation_seed in [general] or [[datasets]]")
         elif top not in ("general", "datasets"):
-            problems.add(top, f"unknown top-level key{_suggest(top, {'general', 'datasets'})}; only [general] "
+            problems.add(top, f"unknown top-level key{suggest(top, {'general', 'datasets'})}; only [general] "
                          "and [[datasets]] are allowed")
-    general = _read_table(data.get("general", {}), _G, "general", problems)
+    general = read_table(data.get("general", {}), GENERAL, "general", problems)
     raw_datasets = data.get("datasets", [])
     if not isinstance(raw_datasets, list) or not raw_datasets:
         problems.add("datasets", "no [[datasets]] with [[datasets.subsets]]; add at least one")
@@ -396,12 +183,12 @@ def load_dataset_config(path: Path, defaults: DatasetDefaults) -> DatasetBluepri
     datasets = []
     for i, raw in enumerate(raw_datasets):
         where = f"datasets[{i}]"
-        dataset_table = _read_table(raw, _D, where, problems)
+        dataset_table = read_table(raw, DATASET, where, problems)
         raw_subsets = raw.get("subsets", []) if isinstance(raw, dict) else []
         if not isinstance(raw_subsets, list) or not raw_subsets:
             problems.add(f"{where}.subsets", "no [[datasets.subsets]]; add one with image_dir")
             raw_subsets = []
-        subset_tables = [_read_table(s, _S, f"{where}.subsets[{j}]", problems) for j, s in enumerate(raw_subsets)]
+        subset_tables = [read_table(s, SUBSET, f"{where}.subsets[{j}]", problems) for j, s in enumerate(raw_subsets)]
         built = _build_dataset(where, [dataset_table, general], subset_tables, defaults, problems)
         if built is not None:
             datasets.append(built)
@@ -409,44 +196,18 @@ def load_dataset_config(path: Path, defaults: DatasetDefaults) -> DatasetBluepri
     return DatasetBlueprint(tuple(datasets), prior_loss_weight=float(defaults.prior_loss_weight), source=path)
 
 
-class _Resolver:
-    """First value set among the given tables, then the command line, then the built-in default, with its origin."""
-
-    def __init__(self, tables: list[tuple[str, dict[str, Any]]], defaults: DatasetDefaults, problems: _Problems):
-        self.tables, self.defaults, self.problems = tables, defaults, problems
-
-    def get(self, key: str) -> tuple[Any, str]:
-        for where, table in self.tables:
-            if table.get(key) is not None:
-                return table[key], f"{where}.{key}" if where else key
-        flag = _FLAG_NAMES.get(key, key)
-        value = getattr(self.defaults, flag, None)
-        if value is not None:
-            kind = _SCHEMA[key][0]
-            if isinstance(value, Path):
-                value = str(value)
-            if kind == "range" and isinstance(value, str):
-                value = [float(v) for v in value.split(",")] if re.fullmatch(r"[\d.\s]+,[\d.\s]+", value) else value
-            typed = _coerce(kind, value, f"--{flag}", self.problems)
-            return typed, f"--{flag}"
-        return _SCHEMA[key][2], f"{key} (default)"
-
-    def value(self, key: str) -> Any:
-        return self.get(key)[0]
-
-
 def _build_dataset(
     where: str,
     upper: list[dict[str, Any]],
     subset_tables: list[dict[str, Any]],
     defaults: DatasetDefaults,
-    problems: _Problems,
+    problems: Problems,
 ) -> DatasetConfig | None:
     labels = [where, "general"]
-    res = _Resolver(list(zip(labels, upper, strict=True)), defaults, problems)
+    res = Resolver(list(zip(labels, upper, strict=True)), defaults, problems)
     subsets = []
     for j, table in enumerate(subset_tables):
-        sres = _Resolver([(f"{where}.subsets[{j}]", table), *res.tables], defaults, problems)
+        sres = Resolver([(f"{where}.subsets[{j}]", table), *res.tables], defaults, problems)
         subsets.append(_build_subset(f"{where}.subsets[{j}]", table, sres, problems))
     kinds = {s.is_dreambooth for s in subsets}
     if len(kinds) > 1:
@@ -471,14 +232,14 @@ def _build_dataset(
 
 
 def _dataset_config(
-    key: str, subsets: list[SubsetConfig], resolution: tuple[int, int], res: _Resolver
+    key: str, subsets: list[SubsetConfig], resolution: tuple[int, int], res: Resolver
 ) -> DatasetConfig:
     names = {f.name for f in fields(DatasetConfig)} - {"key", "subsets", "resolution"}
     return DatasetConfig(key=key, subsets=tuple(subsets), resolution=resolution,
                          **{name: res.value(name) for name in names})
 
 
-def _check_sizes(res: _Resolver, problems: _Problems) -> tuple[int, int] | None:
+def _check_sizes(res: Resolver, problems: Problems) -> tuple[int, int] | None:
     """FLUX needs pixel sizes that are multiples of 16; bucket limits must bracket the resolution."""
     resolution, r_where = res.get("resolution")
     if resolution is None:
@@ -515,14 +276,14 @@ def _nearest_multiple(v: int) -> int:
     return max(FLUX_MULTIPLE, (v + FLUX_MULTIPLE // 2) // FLUX_MULTIPLE * FLUX_MULTIPLE)
 
 
-def _check_network_multiplier(res: _Resolver, problems: _Problems) -> None:
+def _check_network_multiplier(res: Resolver, problems: Problems) -> None:
     value, where = res.get("network_multiplier")
     if value is not None and value != 1.0:
         problems.add(where, "sd-scripts reads network_multiplier but never applies it, and fluxlora does not "
                      "either; remove it (or train separate LoRAs)")
 
 
-def _build_subset(where: str, table: dict[str, Any], res: _Resolver, problems: _Problems) -> SubsetConfig:
+def _build_subset(where: str, table: dict[str, Any], res: Resolver, problems: Problems) -> SubsetConfig:
     image_dir = table.get("image_dir")
     metadata_file = table.get("metadata_file")
     if metadata_file is None and image_dir is None:
@@ -561,7 +322,7 @@ def blueprint_from_flags(defaults: DatasetDefaults) -> DatasetBlueprint:
     same for regularisation images; with `--in_json` the metadata file describes a fine-tuning dataset whose
     relative image paths are joined to `--train_data_dir`.
     """
-    problems = _Problems("command line")
+    problems = Problems("command line")
     subsets: list[dict[str, Any]] = []
     keys: list[str] = []
     if defaults.in_json is not None:
@@ -584,9 +345,9 @@ def blueprint_from_flags(defaults: DatasetDefaults) -> DatasetBlueprint:
                     keys.append(key)
     built = []
     for key, table in zip(keys, subsets, strict=True):
-        sres = _Resolver([("", table)], defaults, problems)
+        sres = Resolver([("", table)], defaults, problems)
         built.append(_build_subset(key, table, sres, problems))
-    res = _Resolver([], defaults, problems)
+    res = Resolver([], defaults, problems)
     resolution = _check_sizes(res, problems)
     problems.raise_if_any(None)
     assert resolution is not None
@@ -594,7 +355,7 @@ def blueprint_from_flags(defaults: DatasetDefaults) -> DatasetBlueprint:
     return DatasetBlueprint((dataset,), prior_loss_weight=float(defaults.prior_loss_weight), source=None)
 
 
-def _repeat_folders(flag: str, folder: Path, is_reg: bool, problems: _Problems) -> list[tuple[str, dict[str, Any]]]:
+def _repeat_folders(flag: str, folder: Path, is_reg: bool, problems: Problems) -> list[tuple[str, dict[str, Any]]]:
     """Sub-folders `<repeats>_<class tokens>` of a DreamBooth parent folder, sorted by name."""
     if not folder.is_dir():
         problems.add(flag, f"folder {str(folder)!r} does not exist; fix the path")

@@ -5,16 +5,15 @@ rebalanced to the training count, one batch list per bucket (`ceil(len / batch_s
 buckets or datasets), reshuffled every epoch. Fixed on purpose: the validation split is disjoint from training
 for every (n, split) and also applies to fine-tuning datasets (§12.17); the epoch order and every per-sample
 random choice are pure functions of (seed, epoch, batch index, position), so a resumed run sees the very same
-batches, whatever worker process builds them.
+batches, whatever worker process builds them. Finding a subset's images is in `fluxlora.data.subset_images`,
+the `ss_*` metadata of the built datasets in `fluxlora.data.dataset_metadata`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fluxlora.config.dataset import DatasetBlueprint, DatasetConfig, SubsetConfig
 from fluxlora.data.buckets import assign_bucket, make_buckets
-from fluxlora.data.captions import CaptionOptions, caching_blockers, read_caption, static_caption
-from fluxlora.data.images import IMAGE_EXTENSIONS, check_complete, image_size, list_images
+from fluxlora.data.captions import CaptionOptions, caching_blockers, static_caption
+from fluxlora.data.dataset_metadata import (
+    dataset_metadata,
+    merged_dataset_dirs,
+    merged_tag_frequency,
+    subset_name,
+    tag_counts,
+)
+from fluxlora.data.images import check_complete, image_size
+from fluxlora.data.subset_images import dreambooth_images, finetuning_images
 from fluxlora.errors import DatasetError
 
 if TYPE_CHECKING:
@@ -211,43 +218,21 @@ class TrainingData:
 
     def metadata(self) -> list[dict[str, Any]]:
         """`ss_datasets` entries (spec §6.3), one per training dataset."""
-        return [_dataset_metadata(d) for d in self.datasets]
+        return [dataset_metadata(d) for d in self.datasets]
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """`ss_tag_frequency`: {folder or metadata file name: {tag: count}} over every dataset."""
-        out: dict[str, dict[str, int]] = {}
-        for dataset in self.datasets:
-            for name, tags in dataset.tag_frequency.items():
-                merged = out.setdefault(name, {})
-                for tag, count in tags.items():
-                    merged[tag] = merged.get(tag, 0) + count
-        return out
+        return merged_tag_frequency(self.datasets)
 
     def dataset_dirs(self) -> dict[str, dict[str, int]]:
         """`ss_dataset_dirs`: {folder name: {n_repeats, img_count}} for non-reg subsets, duplicates suffixed."""
-        out: dict[str, dict[str, int]] = {}
-        for dataset in self.datasets:
-            counts = Counter(e.subset for e in dataset.entries if not e.is_reg)
-            for s_index, subset in enumerate(dataset.config.subsets):
-                if subset.is_reg:
-                    continue
-                name, n = _subset_name(subset), 2
-                base = name
-                while name in out:
-                    name, n = f"{base} ({n})", n + 1
-                out[name] = {"n_repeats": subset.num_repeats, "img_count": counts.get(s_index, 0)}
-        return out
+        return merged_dataset_dirs(self.datasets)
 
 
 def caption_options(subset: SubsetConfig) -> CaptionOptions:
     """The caption pipeline settings of a subset."""
     names = CaptionOptions.__dataclass_fields__
     return CaptionOptions(**{name: getattr(subset, name) for name in names})
-
-
-def _subset_name(subset: SubsetConfig) -> str:
-    path = subset.image_dir if subset.is_dreambooth else subset.metadata_file
-    return path.name if path is not None else ""
 
 
 def split_for_validation(paths: list[Path], split: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -291,107 +276,6 @@ def rebalance_reg_repeats(reg_repeats: list[int], num_train: int) -> list[int]:
     return out
 
 
-@dataclass
-class _Found:
-    """Images of one subset before sizes and buckets: (path, raw caption, tags for tag frequency)."""
-
-    items: list[tuple[Path, str, str]] = field(default_factory=list)
-
-
-def _dreambooth_images(subset: SubsetConfig, problems: list[str]) -> _Found:
-    assert subset.image_dir is not None
-    found = _Found()
-    missing = 0
-    for path in list_images(subset.image_dir):
-        try:
-            caption = read_caption(path, subset.caption_extension, class_tokens=subset.class_tokens,
-                                   enable_wildcard=subset.enable_wildcard, warn=False)
-        except DatasetError as err:
-            problems.append(str(err))
-            continue
-        if caption is None:
-            missing += 1
-            caption = ""
-        found.items.append((path, caption, caption))
-    if missing:
-        logger.warning("%s: %d image(s) in %s have no %s caption and no class_tokens; training them with an "
-                       "empty caption", subset.key, missing, subset.image_dir, subset.caption_extension)
-    return found
-
-
-def _read_metadata(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() == ".jsonl":
-        rows = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}: line {line_no}: {e.msg}; fix the JSON line", path=path) from e
-                if not isinstance(row, dict) or not isinstance(row.get("image_path"), str):
-                    raise DatasetError(f"{path}: line {line_no}: expected an object with image_path", path=path)
-                rows.append((row["image_path"], row))
-        return rows
-    try:
-        data = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: line {e.lineno}, column {e.colno}: {e.msg}; fix the JSON", path=path) from e
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected {{image_key: {{caption, tags, image_size}}}}", path=path)
-    return [(k, v if isinstance(v, dict) else {}) for k, v in data.items()]
-
-
-def _find_image(key: str, image_dir: Path | None) -> Path | None:
-    """sd-scripts' lookup: the key as a path, else under image_dir, else image_dir/key + an image extension."""
-    candidates = [Path(key)]
-    if image_dir is not None:
-        candidates.append(image_dir / key)
-        extensions = IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS)
-        candidates.extend(image_dir / (key + ext) for ext in extensions)
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def _finetuning_images(subset: SubsetConfig, problems: list[str], sizes: dict[Path, Size]) -> _Found:
-    assert subset.metadata_file is not None
-    found = _Found()
-    try:
-        rows = _read_metadata(subset.metadata_file)
-    except DatasetError as err:
-        problems.append(str(err))
-        return found
-    sep = subset.caption_separator
-    for key, row in rows:
-        path = _find_image(key, subset.image_dir)
-        if path is None:
-            problems.append(f"{subset.metadata_file}: image {key!r} not found (also tried under image_dir "
-                            f"{str(subset.image_dir)!r}); fix the key or image_dir")
-            continue
-        caption = row.get("caption") or ""
-        tags = row.get("tags") or ""
-        if not isinstance(caption, str) or not isinstance(tags, str):
-            problems.append(f"{subset.metadata_file}: {key}: caption and tags must be strings")
-            continue
-        if tags:
-            lines = caption.split("\n") if subset.enable_wildcard else [caption]
-            caption = "\n".join(f"{c}{sep}{tags}" if c else tags for c in lines)
-        size = row.get("image_size")
-        if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
-            sizes[path.resolve()] = (int(size[0]), int(size[1]))
-        found.items.append((path, caption or subset.class_tokens or "", tags))
-    return found
-
-
-def _tag_counts(texts: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for text in texts:
-        for tag in text.split(","):
-            tag = tag.strip().lower()
-            if tag:
-                counts[tag] = counts.get(tag, 0) + 1
-    return counts
-
-
 def build_training_data(blueprint: DatasetBlueprint, *, seed: int, skip_bad_images: bool = False) -> TrainingData:
     """Find every image, read captions and header sizes, split off validation, rebalance and bucket.
 
@@ -429,17 +313,17 @@ def _build_dataset(
     for s_index, subset in enumerate(cfg.subsets):
         if subset.is_dreambooth:
             try:
-                found = _dreambooth_images(subset, problems)
+                found = dreambooth_images(subset, problems)
             except DatasetError as err:
                 problems.append(str(err))
                 continue
         else:
-            found = _finetuning_images(subset, problems, known_sizes)
+            found = finetuning_images(subset, problems, known_sizes)
         if not found.items:
             logger.warning("%s: no images found; this subset is skipped", subset.key)
             continue
         by_path = {p: (c, t) for p, c, t in found.items}
-        tag_texts.setdefault(_subset_name(subset), []).extend(t for _, _, t in found.items)
+        tag_texts.setdefault(subset_name(subset), []).extend(t for _, _, t in found.items)
         if subset.is_reg:
             reg_rows.extend((s_index, p, by_path[p][0], subset.num_repeats) for p in sorted(by_path))
             continue
@@ -484,7 +368,7 @@ def _build_dataset(
             yield ImageEntry(path.resolve(), caption, s_index, is_reg, weight, size, bucket, resized, repeats)
 
     options = tuple(caption_options(s) for s in cfg.subsets)
-    tags = {name: _tag_counts(texts) for name, texts in tag_texts.items()}
+    tags = {name: tag_counts(texts) for name, texts in tag_texts.items()}
     train_entries = (*entries(train_rows, False), *entries(reg_rows, True))
     train = BuiltDataset(cfg, train_entries, options, "train", tags, num_reg_images) if train_rows else None
     val_entries = tuple(entries(held_out, False))
@@ -496,42 +380,3 @@ def _build_dataset(
         logger.warning("%s: validation_split = %g holds out no image (each subset needs 2 or more)",
                        cfg.key, cfg.validation_split)
     return train, val, skipped
-
-
-def _dataset_metadata(d: BuiltDataset) -> dict[str, Any]:
-    cfg = d.config
-    img_counts = Counter(e.subset for e in d.entries)
-    subsets = []
-    for s_index, s in enumerate(cfg.subsets):
-        info: dict[str, Any] = {
-            "img_count": img_counts.get(s_index, 0), "num_repeats": s.num_repeats, "color_aug": s.color_aug,
-            "flip_aug": s.flip_aug, "random_crop": s.random_crop, "shuffle_caption": s.shuffle_caption,
-            "keep_tokens": s.keep_tokens, "keep_tokens_separator": s.keep_tokens_separator,
-            "secondary_separator": s.secondary_separator, "enable_wildcard": s.enable_wildcard,
-            "caption_prefix": s.caption_prefix, "caption_suffix": s.caption_suffix,
-            "resize_interpolation": s.resize_interpolation,
-        }
-        if s.is_dreambooth:
-            info.update(image_dir=_subset_name(s), class_tokens=s.class_tokens, is_reg=s.is_reg)
-        else:
-            info.update(metadata_file=_subset_name(s))
-        subsets.append(info)
-    items = d.bucket_items()
-    errors = [abs(e.bucket[0] / e.bucket[1] - e.size[0] / e.size[1]) for e in d.entries]
-    return {
-        "is_dreambooth": cfg.is_dreambooth,
-        "batch_size_per_device": cfg.batch_size,
-        "num_train_images": sum(e.num_repeats for e in d.entries if not e.is_reg),
-        "num_reg_images": sum(e.num_repeats for e in d.entries if e.is_reg),
-        "resolution": list(cfg.resolution),
-        "enable_bucket": cfg.enable_bucket,
-        "min_bucket_reso": cfg.min_bucket_reso,
-        "max_bucket_reso": cfg.max_bucket_reso,
-        "tag_frequency": d.tag_frequency,
-        "bucket_info": {
-            "buckets": {i: {"resolution": list(b), "count": len(v)} for i, (b, v) in enumerate(items.items())},
-            "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0,
-        },
-        "resize_interpolation": cfg.resize_interpolation,
-        "subsets": subsets,
-    }
