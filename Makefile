@@ -17,10 +17,10 @@ demo: $(STAMP)
 	$(BIN)/fluxlora demo
 
 test: $(STAMP)
+	$(BIN)/ruff check fluxlora tests benchmarks
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -n $${PYTEST_WORKERS:-2} --dist loadfile
 
 lint: $(STAMP)
-	$(BIN)/pip install -q -c constraints.txt ruff
 	$(BIN)/ruff check fluxlora tests benchmarks
 
 clean:

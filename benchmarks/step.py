@@ -28,7 +28,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -264,20 +264,19 @@ def swap_check(device: torch.device) -> None:
 
     ref_loss, ref = once()
     _, again = once()  # the same step again without swap: the device's own run-to-run noise
-    noise = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(again, ref))
+    noise = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(again, ref, strict=False))
     print(f"no-swap repeat: max relative LoRA-grad difference {noise:.2e}", flush=True)
     swapper = BlockSwapper(flux_block_sequence(flux), swapped_positions(flux, 4), device)
     move_except(flux, device, swapper.swapped_parameters())
     flux.requires_checkpointing = True
     results = [once() for _ in range(2)]
     for loss, grads in results:
-        worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(grads, ref))
+        worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(grads, ref, strict=False))
         print(f"swap check (CUDA, 2 double + 4 single of 4 + 6 swapped): loss {loss!r} vs {ref_loss!r}, "
               f"max relative LoRA-grad difference {worst:.2e}, exact={loss == ref_loss and worst == 0.0}, "
               f"late loads {swapper.stats.late}", flush=True)
     swapper.remove()
     network.remove()
-    del flux, network
     torch.cuda.empty_cache()
 
 

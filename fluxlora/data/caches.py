@@ -145,8 +145,8 @@ class CacheFile:
         if not self.exists:
             return
         try:
-            from safetensors.torch import load_file
             from safetensors import safe_open
+            from safetensors.torch import load_file
 
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}

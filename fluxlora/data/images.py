@@ -254,7 +254,7 @@ def scan_images(
             results = list(pool.map(lambda p: _check_one(p, decode, max_pixels), ordered))
     else:
         results = [_check_one(p, decode, max_pixels) for p in ordered]
-    for path, (size, reason) in zip(ordered, results):
+    for path, (size, reason) in zip(ordered, results, strict=False):
         if size is not None:
             scan.sizes[path] = size
         else:

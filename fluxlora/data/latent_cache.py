@@ -250,7 +250,7 @@ def build_latent_cache(
                     if pending[job.file] == 0:
                         _write(files[job.file], by_file[job.file], ae_fingerprint)
 
-    for index, (path, file_jobs) in enumerate(by_file.items()):
+    for path, file_jobs in by_file.items():
         for job in file_jobs:
             if job.skipped:
                 continue

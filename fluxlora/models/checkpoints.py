@@ -10,7 +10,7 @@ import json
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import torch
@@ -153,7 +153,7 @@ def read_header(path: str | Path, *, flag: str | None = None) -> SafetensorsHead
     return SafetensorsHeader(path, tensors, {str(k): v for k, v in metadata.items()}, file_size, data_start)
 
 
-class ModelKind(str, Enum):
+class ModelKind(StrEnum):
     FLUX = "flux"  # BFL single-file transformer (optionally model.diffusion_model.-prefixed)
     FLUX_DIFFUSERS = "flux-diffusers"  # diffusers FluxTransformer2DModel weights
     AE = "ae"  # BFL autoencoder

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fluxlora.errors import CheckpointError
+from fluxlora.models.checkpoints import ModelKind as Kind
 from fluxlora.models.checkpoints import (
     SafetensorsHeader,
     check_keys,
@@ -28,7 +29,6 @@ from fluxlora.models.checkpoints import (
     require_kind,
     strip_prefix,
 )
-from fluxlora.models.checkpoints import ModelKind as Kind
 from fluxlora.models.diffusers_keys import bfl_to_diffusers, diffusers_to_bfl
 from fluxlora.models.flux import Flux, FluxParams
 

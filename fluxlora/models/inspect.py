@@ -13,7 +13,13 @@ from collections import Counter
 from pathlib import Path
 
 from fluxlora.errors import FluxLoraError
-from fluxlora.models.checkpoints import KIND_DESCRIPTIONS, ModelKind, SafetensorsHeader, detect_kind, read_header
+from fluxlora.models.checkpoints import (
+    KIND_DESCRIPTIONS,
+    ModelKind,
+    SafetensorsHeader,
+    detect_kind,
+    read_header,
+)
 from fluxlora.models.flux_loading import inspect_flux
 
 SS_SUMMARY_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",

@@ -147,7 +147,7 @@ class LoRAModule(nn.Module):
             self.lora_up.weight.copy_(up)
             return
         row = 0
-        for j, (size, up_j) in enumerate(zip(self.split_dims, self.lora_up)):
+        for j, (size, up_j) in enumerate(zip(self.split_dims, self.lora_up, strict=False)):
             up_j.weight.copy_(up[row : row + size, j * self.lora_dim : (j + 1) * self.lora_dim])
             row += size
 
@@ -205,7 +205,7 @@ class LoRAModule(nn.Module):
             ly = self.lora_up(lx)
         else:
             chunks = lx.split(self.lora_dim, dim=-1)
-            ly = torch.cat([up(c) for up, c in zip(self.lora_up, chunks)], dim=-1)
+            ly = torch.cat([up(c) for up, c in zip(self.lora_up, chunks, strict=False)], dim=-1)
         ly = ly * (self.multiplier * scale)
         if self.training and self.ggpo and self.combined_norms is not None and self.grad_norms is not None:
             ly = ly + self._ggpo_perturbation(x)
@@ -243,7 +243,7 @@ class LoRAModule(nn.Module):
             self.grad_norms = torch.zeros_like(self.combined_norms)
             return
         grad_down = torch.zeros_like(down) if grad_down is None else grad_down.float()
-        grad_ups = [torch.zeros_like(w) if g is None else g for w, g in zip(self.up_weights(), grad_ups)]
+        grad_ups = [torch.zeros_like(w) if g is None else g for w, g in zip(self.up_weights(), grad_ups, strict=False)]
         grad_up = grad_ups[0].float() if self.split_dims is None else torch.block_diag(*grad_ups).float()
         a = torch.cat([up, grad_up], dim=1)  # up·∂down + ∂up·down = [up, ∂up] @ [∂down; down]
         b = torch.cat([grad_down, down], dim=0)

@@ -35,8 +35,23 @@ import torch
 
 from fluxlora.errors import CheckpointError, ConfigError, FluxLoraError
 from fluxlora.files import atomic_write
-from fluxlora.models.checkpoints import DTYPES, ModelKind, SafetensorsHeader, load_tensors, read_header, require_kind, strip_prefix
-from fluxlora.network.formats import KOHYA_PREFIXES, LoraModule, detect_lora_format, read_kohya, to_kohya, write_kohya
+from fluxlora.models.checkpoints import (
+    DTYPES,
+    ModelKind,
+    SafetensorsHeader,
+    load_tensors,
+    read_header,
+    require_kind,
+    strip_prefix,
+)
+from fluxlora.network.formats import (
+    KOHYA_PREFIXES,
+    LoraModule,
+    detect_lora_format,
+    read_kohya,
+    to_kohya,
+    write_kohya,
+)
 from fluxlora.network.saving import modelspec, save_lora
 
 logger = logging.getLogger(__name__)
@@ -164,7 +179,7 @@ def merge_into_models(args: argparse.Namespace, ratios: list[float]) -> None:
         logger.warning("%s; skipped (--ignore_unmatched)", message)
 
     merged_from = ", ".join(_title(p, meta) for p, _, _, meta in loras)
-    for prefix, (header, _, flag, save_flag) in bases.items():
+    for prefix, (header, _, _flag, save_flag) in bases.items():
         tensors = _merge_file(header, plan[prefix], merge_dtype or torch.float32, save_dtype, args.working_device,
                               args.loading_device)
         metadata: dict[str, str] = {}

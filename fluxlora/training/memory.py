@@ -118,7 +118,7 @@ class BlockSwapper:
             module = sequence[pos]
             ring = kinds.setdefault(_layout(module), len(kinds))
             self._blocks[pos] = self._to_host(module, ring, pin)
-        for layout, ring in sorted(kinds.items(), key=lambda kv: kv[1]):
+        for ring in sorted(kinds.values()):
             positions = sorted(p for p, b in self._blocks.items() if b.ring == ring)
             sizes = self._blocks[positions[0]].host
             slots = [{dt: torch.empty(buf.numel(), dtype=dt, device=self.device) for dt, buf in sizes.items()}

@@ -233,7 +233,7 @@ def workload_for(cfg, info, blueprint, t5_max_length: int, *, blocks_to_swap: in
     for path in (cfg.model.clip_l, cfg.model.t5xxl, cfg.model.ae):
         header = read_header(path)
         counts = header.dtype_counts()
-        n = sum(counts.values())
+        sum(counts.values())
         keeps_fp8 = path == cfg.model.t5xxl and prec.fp8_text_encoders
         other_device += sum(c * (1 if keeps_fp8 and "F8" in d else te_dtype) for d, c in counts.items())
         other_host += header.file_size

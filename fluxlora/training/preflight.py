@@ -14,7 +14,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxlora.config.dataset import DatasetBlueprint, DatasetDefaults, blueprint_from_flags, load_dataset_config
+from fluxlora.config.dataset import (
+    DatasetBlueprint,
+    DatasetDefaults,
+    blueprint_from_flags,
+    load_dataset_config,
+)
 from fluxlora.config.train_config import TrainConfig, check_caching_conflicts, dataset_defaults_kwargs
 from fluxlora.data.datasets import TrainingData, build_training_data
 from fluxlora.errors import CheckpointError, ConfigError

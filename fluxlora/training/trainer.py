@@ -8,8 +8,8 @@ import logging
 import math
 import os
 import signal
-import time
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,15 +19,14 @@ import torch
 from fluxlora.config.train_config import TrainConfig
 from fluxlora.data.loader import make_dataloader, set_epoch
 from fluxlora.errors import TrainingError
+from fluxlora.training import faults
 from fluxlora.training.logs import LossRecorder, plot_losses
-from fluxlora.training.metadata import lora_metadata
 from fluxlora.training.outputs import (
     epoch_to_remove,
     should_save_epoch,
     should_save_step,
     step_to_remove,
 )
-from fluxlora.training import faults
 from fluxlora.training.run import Run
 from fluxlora.training.state import TrainCounters, save_state
 from fluxlora.training.step import StepOutput, step_generator, step_seed, training_loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from pathlib import Path
@@ -100,7 +101,7 @@ def test_int_or_float(text, expected):
 def test_int_or_float_rejects(text):
     with pytest.raises(ConfigError, match="--lr_warmup_steps"):
         parse_given(["--lr_warmup_steps", text])
-    with pytest.raises(Exception):
+    with pytest.raises((argparse.ArgumentTypeError, ValueError)):
         int_or_float(text)
 
 

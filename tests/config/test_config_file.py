@@ -190,6 +190,6 @@ def test_dumps_toml_is_read_back_exactly_by_tomllib(values):
     for key, value in values.items():
         expected, got = (value, loaded[key]) if isinstance(value, list) else ([value], [loaded[key]])
         assert len(got) == len(expected)
-        for a, b in zip(expected, got):
+        for a, b in zip(expected, got, strict=False):
             assert type(a) is type(b)
             assert a == b or (isinstance(a, float) and math.isinf(a) and a == b)

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_launch import REPO, accelerate_launch, launch_and_interrupt
 from safetensors.torch import load_file
 
 from fluxlora.training.cli import train
 from fluxlora.training.state import load_state
-
-from ddp_launch import REPO, accelerate_launch, launch_and_interrupt
 
 # Two processes each importing torch/transformers on a 2-core CPU: ~30-50 s per launch (three launches).
 pytestmark = pytest.mark.slow

@@ -12,7 +12,13 @@ from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
 
 from fluxlora.models.diffusers_keys import bfl_to_diffusers
 from fluxlora.models.flux import Flux, FluxParams, axes_dim_for
-from fluxlora.models.flux_layers import DoubleStreamBlock, SingleStreamBlock, apply_rope, rope, timestep_embedding
+from fluxlora.models.flux_layers import (
+    DoubleStreamBlock,
+    SingleStreamBlock,
+    apply_rope,
+    rope,
+    timestep_embedding,
+)
 from fluxlora.models.tiny import random_flux, random_flux_inputs
 
 

@@ -12,7 +12,7 @@ from fluxlora.network.lora import create_network
 
 
 def group_map(groups) -> dict[str, tuple[float, set[int]]]:
-    return {name: (g["lr"], {id(p) for p in g["params"]}) for name, g in zip(groups.names, groups.groups)}
+    return {name: (g["lr"], {id(p) for p in g["params"]}) for name, g in zip(groups.names, groups.groups, strict=False)}
 
 
 def params_of(network, component: str, *, up: bool | None = None) -> set[int]:

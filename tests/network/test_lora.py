@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from network_helpers import flux_inputs, randomize_lora_, small_flux, tiny_clip, tiny_t5
 from torch import nn
 
 from fluxlora.errors import ConfigError
 from fluxlora.models.flux import Flux, FluxParams
 from fluxlora.network.lora import LoRAModule, create_network
-from network_helpers import flux_inputs, randomize_lora_, small_flux, tiny_clip, tiny_t5
 
 DOUBLE_LAYERS = ("img_mod_lin", "img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2",
                  "txt_mod_lin", "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2")

@@ -6,9 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from reliability_data import COMMON, model_flags, write_dataset, write_toml
-
 
 
 @pytest.fixture(scope="session")

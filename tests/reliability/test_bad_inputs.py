@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-
 from reliability_data import write_dataset
+
 from fluxlora.errors import CheckpointError, ConfigError, DatasetError, FluxLoraError
 from fluxlora.files import save_safetensors
 from fluxlora.training.cli import train

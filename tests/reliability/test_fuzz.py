@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from reliability_data import write_dataset
 
 from fluxlora.config.dataset import DatasetDefaults, load_dataset_config
 from fluxlora.data.datasets import build_training_data
@@ -19,7 +20,6 @@ from fluxlora.errors import CheckpointError, FluxLoraError
 from fluxlora.files import save_safetensors
 from fluxlora.models.checkpoints import read_header
 from fluxlora.network.saving import read_lora
-from reliability_data import write_dataset
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from reliability_data import write_dataset
 
 from fluxlora.errors import CheckpointError, FluxLoraError
 from fluxlora.files import save_safetensors
 from fluxlora.training.cli import train
 from fluxlora.training.state import load_state
-from reliability_data import write_dataset
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fluxlora"
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 from safetensors.torch import load_file
+from test_crash_saves import run_harness
 
 from fluxlora.training.state import load_state
-from test_crash_saves import run_harness
 
 
 def test_sigint_sigterm_save_exit_codes_and_exact_resume(argv_for, tmp_path):

@@ -7,9 +7,9 @@ import shutil
 
 import torch
 
+from fluxlora.files import save_safetensors
 from fluxlora.models.diffusers_keys import bfl_to_diffusers
 from fluxlora.models.flux_loading import load_flux
-from fluxlora.files import save_safetensors
 from fluxlora.models.tiny import random_flux, random_flux_inputs, tiny_flux_params
 from fluxlora.training.cli import train
 
@@ -87,7 +87,6 @@ def test_guide_command_line_runs_verbatim_and_diffusers_loads_the_lora(tiny_ckpt
     # diffusers loads it and its output changes. diffusers hard-codes width 3072 for single-block linear1
     # (interop.md §4), so those modules are left out here; tests/network checks them at width 3072.
     from diffusers import FluxPipeline
-
     from safetensors.torch import load_file
 
     tensors = {k: v for k, v in load_file(str(out / "my_flux_lora.safetensors")).items() if "_linear1." not in k}
