@@ -24,14 +24,15 @@ def _configure_logging(cfg: TrainConfig) -> None:
     logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
 
 
-def prepare(argv: list[str]) -> tuple[TrainConfig, Preflight] | None:
+def prepare(argv: list[str], *, configure_logging: bool = False) -> tuple[TrainConfig, Preflight] | None:
     """Parse and check everything that needs no weights; None when --output_config wrote a file."""
     written = maybe_write_output_config(argv)
     if written is not None:
         print(f"wrote {written}")
         return None
     cfg = parse_train_config(argv)
-    _configure_logging(cfg)
+    if configure_logging:  # the command line owns the process's logging; library callers keep theirs
+        _configure_logging(cfg)
     block = describe_differences(cfg)
     if block:
         logger.info("%s", block)
@@ -48,9 +49,9 @@ def memory_plan_lines(cfg: TrainConfig, pre: Preflight) -> list[str]:
     return plan_report(cfg, pre)
 
 
-def train(argv: list[str]):
+def train(argv: list[str], *, configure_logging: bool = False):
     """Run a whole training from command-line flags; returns the TrainResult (None for --output_config)."""
-    prepared = prepare(argv)
+    prepared = prepare(argv, configure_logging=configure_logging)
     if prepared is None:
         return None
     cfg, pre = prepared
@@ -71,7 +72,7 @@ def train(argv: list[str]):
 
 def main(argv: list[str]) -> int:
     try:
-        train(argv)
+        train(argv, configure_logging=True)
     except FluxLoraError as err:
         print(f"error: {err}", file=sys.stderr)
         return int(getattr(err, "exit_code", 2))
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> int:
 
 def check_main(argv: list[str]) -> int:
     """`fluxlora check <training flags>`: every check that needs no weights, then a summary."""
-    prepared = prepare(argv)
+    prepared = prepare(argv, configure_logging=True)
     if prepared is not None:
         print(f"ok: {prepared[1].summary()}")
         for line in memory_plan_lines(*prepared):
@@ -90,7 +91,7 @@ def check_main(argv: list[str]) -> int:
 
 def cache_main(argv: list[str]) -> int:
     """`fluxlora cache <training flags>`: fill the latent / text-encoder caches and stop."""
-    prepared = prepare(argv)
+    prepared = prepare(argv, configure_logging=True)
     if prepared is None:
         return 0
     cfg, pre = prepared

@@ -15,7 +15,7 @@ from fluxlora.training.trainer import Trainer
 
 
 def main(argv: list[str]) -> int:
-    prepared = prepare(argv)
+    prepared = prepare(argv, configure_logging=True)  # a command-line process, like flux_train_network.py
     assert prepared is not None
     cfg, pre = prepared
     cfg.saving.output_dir.mkdir(parents=True, exist_ok=True)

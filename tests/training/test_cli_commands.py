@@ -63,3 +63,26 @@ def test_differential_output_preservation_targets_the_base_prediction(train_argv
         assert result.losses[0] == 0.0
     else:
         assert result.losses[0] > 0.1
+
+
+def test_console_log_file_and_level_are_honoured(train_argv, tmp_path):
+    import logging
+
+    log = tmp_path / "console.log"
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        argv = train_argv("--dry_run", f"--console_log_file={log}", "--console_log_simple",
+                          "--console_log_level=INFO", output_dir=tmp_path / "dry")
+        assert fluxlora_main(["train", *argv]) == 0
+        for handler in root.handlers:
+            handler.flush()
+        text = log.read_text(encoding="utf-8")
+        assert "preflight: FLUX.1-dev" in text
+        assert not text.startswith("20")  # --console_log_simple: messages without the time stamp
+    finally:
+        for handler in root.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
