@@ -297,7 +297,7 @@ def gpu_suite(args) -> None:
         r = run_case(flux, FULL, case, device, steps=args.steps, warmup=args.warmup)
         report(r)
         results.append(r)
-    from fluxlora.training.components import store_linears_in_fp8
+    from fluxlora.models.fp8 import store_linears_in_fp8
 
     store_linears_in_fp8(flux)
     for case in (Case(resolution=1024, dtype="bf16", fp8=True, ckpt=True), Case(resolution=1024, dtype="bf16", fp8=True),

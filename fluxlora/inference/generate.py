@@ -26,6 +26,7 @@ from torch import nn
 from fluxlora.errors import ConfigError, FluxLoraError
 from fluxlora.inference.prompts import SamplePrompt, load_prompt_file, split_inline_flags
 from fluxlora.inference.sampler import EncodeFn, generate_images, save_png
+from fluxlora.models.fp8 import store_linears_in_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -130,19 +131,6 @@ def read_lora_network(path: Path, multiplier: float, flux: nn.Module, text_encod
     return network
 
 
-def store_linears_in_fp8(module: nn.Module, dtype: torch.dtype) -> int:
-    """Keep every Linear weight in `dtype` (fp8) and up-cast it per call; returns how many."""
-    from fluxlora.models.text_encoders import UpcastLinear
-
-    count = 0
-    for linear in module.modules():
-        if type(linear) is nn.Linear:
-            linear.weight.data = linear.weight.data.to(dtype)
-            linear.__class__ = UpcastLinear
-            count += 1
-    return count
-
-
 # ---------------------------------------------------------------------------------------- models
 
 
@@ -186,7 +174,7 @@ class Generator:
             for network in self.networks:
                 network.merge_into_base()  # before any fp8 storage, so the sum is taken in the compute dtype
         if self.flux_fp8 is not None:
-            logger.info("FLUX: %d Linear weights stored as %s", store_linears_in_fp8(self.flux, self.flux_fp8),
+            logger.info("FLUX: %d Linear weights stored as %s", store_linears_in_fp8(self.flux, dtype=self.flux_fp8),
                         self.flux_fp8)
         if not self.merged:
             for network in self.networks:

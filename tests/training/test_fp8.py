@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from fluxlora.models.fp8 import FP8_MAX, fp8_quantize, store_linears_in_fp8
 from fluxlora.training.cli import train
-from fluxlora.training.components import FP8_MAX, fp8_quantize, store_linears_in_fp8
 
 
 def _linear(std: float, seed: int = 0) -> nn.Linear:
