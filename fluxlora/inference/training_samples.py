@@ -21,6 +21,7 @@ import math
 import random
 import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from fluxlora.inference.prompts import SamplePrompt
-from fluxlora.inference.sampler import EncodeFn, generate_images, save_png
+from fluxlora.inference.sampler import EncodeFn, encode_texts, generate_images, save_png
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +191,38 @@ def _wandb_logger(tracker: Any) -> ImageLogger:
                         commit=False)
 
     return log
+
+
+# ------------------------------------------------------------------------------- prompts encoded once
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    """The `--sample_prompts` file read once and its texts encoded while the text encoders were loaded, for runs
+    that free them after caching (sd-scripts does the same). `encode` looks the texts up instead of running them."""
+
+    prompts: tuple[SamplePrompt, ...]
+    conds: Mapping[str, Mapping[str, torch.Tensor]]  # text -> {clip_pooled [1, D], t5_out [1, T, C], t5_mask [1, T]}
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """An `EncodeFn` over the stored conditioning (the same tensors the encoders gave)."""
+        missing = [t for t in texts if t not in self.conds]
+        if missing:
+            raise KeyError(f"sample text {missing[0][:40]!r} was not encoded before the text encoders were freed")
+        return {k: torch.cat([self.conds[t][k] for t in texts]) for k in ("clip_pooled", "t5_out", "t5_mask")}
+
+
+def encode_sample_prompts(prompts: Sequence[SamplePrompt], encode_fn: EncodeFn, *, process_index: int = 0,
+                          num_processes: int = 1) -> EncodedPrompts:
+    """Encode the texts this process will sample (its share, as in `sample_during_training`), kept on the CPU.
+
+    The texts go through `encode_texts` in the order `generate_images` gives them, so the chunks and therefore
+    the tensors are exactly those a run that keeps its encoders computes at each sampling event."""
+    mine = list(prompts)[process_index::num_processes]
+    texts = [p.prompt for p in mine] + [p.negative_prompt for p in mine if p.cfg_scale != 1.0]
+    conds = encode_texts(encode_fn, texts) if texts else {}
+    return EncodedPrompts(prompts=tuple(prompts),
+                          conds={t: {k: v.cpu() for k, v in c.items()} for t, c in conds.items()})
 
 
 # ---------------------------------------------------------------------------------------- sampling

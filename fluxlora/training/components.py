@@ -67,18 +67,48 @@ def freeze(module: nn.Module) -> nn.Module:
 class Models:
     flux: Flux
     flux_info: FluxInfo
-    ae: AutoEncoder | None
-    clip: nn.Module | None
+    ae: AutoEncoder | None  # on the host (not the device) when latents are cached; None when nothing needs it
+    clip: nn.Module | None  # None once their outputs are cached and they are freed (`Residency`)
     t5: nn.Module | None
     tokenizers: FluxTokenizers
     t5_max_length: int
     swapper: BlockSwapper | None = None
 
 
+@dataclass(frozen=True)
+class Residency:
+    """Where the frozen text encoders and AE stay once the caches are built (the memory planner reads the same)."""
+
+    drop_text_encoders: bool  # outputs cached and no text-encoder LoRA: freed after caching
+    ae_off_device: bool  # latents cached: the AE leaves the device (back only to decode samples)
+    keep_ae: bool  # False when latents are cached and nothing samples: the AE is freed
+
+
+def residency_for(cfg: TrainConfig) -> Residency:
+    """The residency rules of a run (sd-scripts: cache with the models on the device, then move them away)."""
+    c = cfg.caching
+    # A text-encoder LoRA (no --network_train_unet_only) runs CLIP-L every step, so the encoders stay.
+    drop_te = c.cache_text_encoder_outputs and cfg.network.network_train_unet_only
+    return Residency(drop_text_encoders=drop_te, ae_off_device=c.cache_latents,
+                     keep_ae=not c.cache_latents or cfg.sampling.sample_prompts is not None)
+
+
+LatentEncodeFn = Callable[[torch.Tensor], torch.Tensor]
+TextEncodeFn = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
 def load_models(cfg: TrainConfig, info: FluxInfo, t5_max_length: int, precision: Precision,
-                device: torch.device, *, need_text_encoders: bool = True, need_ae: bool = True,
-                blocks_to_swap: int | None = None) -> Models:
-    """Load the DiT, AE, CLIP-L, T5 and tokenizers (strict key checks inside each loader).
+                device: torch.device, *, blocks_to_swap: int | None = None,
+                with_ae: Callable[[LatentEncodeFn], None] | None = None,
+                with_text_encoders: Callable[[TextEncodeFn], None] | None = None) -> Models:
+    """Load the AE, CLIP-L, T5, tokenizers and the DiT (strict key checks inside each loader), one phase at a time,
+    so that the device holds the caching models or the training models, not both (`residency_for`):
+
+    1. the AE on the device; `with_ae(encode)` fills the latent cache; with latents cached the AE then moves to the
+       host (sampling decodes with it) or is freed;
+    2. CLIP-L and T5 on the device; `with_text_encoders(encode)` fills the text cache and encodes the sample
+       prompts; with outputs cached and no text-encoder LoRA both are then freed;
+    3. the DiT, last, so its file is read after the encoders' memory is released (lower host and device peaks).
 
     `blocks_to_swap` (default: --blocks_to_swap, `auto` resolved from the free device memory) DiT blocks stay in
     host memory and are streamed to the device (`fluxlora.training.memory`); --torch_compile compiles each block.
@@ -86,7 +116,45 @@ def load_models(cfg: TrainConfig, info: FluxInfo, t5_max_length: int, precision:
     if blocks_to_swap is None:
         from fluxlora.training.planner import resolve_blocks_to_swap
 
+        # before anything is loaded: `auto` compares the planner's whole-run estimate with the free memory
         blocks_to_swap = resolve_blocks_to_swap(cfg, info, device)
+    m = cfg.model
+    residency = residency_for(cfg)
+    tokenizers = load_tokenizers(m.tokenizer_cache_dir)
+
+    ae: AutoEncoder | None = freeze(load_ae(m.ae, dtype=precision.ae, device=device))
+    if with_ae is not None:
+        with_ae(latent_encoder(ae, precision, device))
+    if residency.ae_off_device:
+        ae = ae.to("cpu") if residency.keep_ae else None
+        _release(device)
+
+    clip = freeze(load_clip_l(m.clip_l, dtype=precision.weight, device=device))
+    t5 = freeze(load_t5xxl(m.t5xxl, dtype=None if precision.fp8_text_encoders else precision.weight, device=device))
+    if with_text_encoders is not None:
+        with_text_encoders(text_encoder_of(tokenizers, clip, t5, t5_max_length, cfg.flow.apply_t5_attn_mask,
+                                           precision, device))
+    if residency.drop_text_encoders:
+        clip = t5 = None  # frozen and fully cached: nothing reads them again, so no host copy either
+        _release(device)
+        logger.info("text encoders freed: their outputs (and the sample prompts') are cached")
+
+    flux, info, swapper = _load_flux(cfg, precision, device, blocks_to_swap)
+    return Models(flux=flux, flux_info=info, ae=ae, clip=clip, t5=t5, tokenizers=tokenizers,
+                  t5_max_length=t5_max_length, swapper=swapper)
+
+
+def _release(device: torch.device) -> None:
+    """Give freed model memory back now, so the next phase (and `mem_get_info`) sees it."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _load_flux(cfg: TrainConfig, precision: Precision, device: torch.device,
+               blocks_to_swap: int) -> tuple[Flux, FluxInfo, BlockSwapper | None]:
     m = cfg.model
     flux, info = load_flux(m.pretrained_model_name_or_path, dtype=precision.weight, device="cpu")
     freeze(flux)
@@ -103,25 +171,28 @@ def load_models(cfg: TrainConfig, info: FluxInfo, t5_max_length: int, precision:
 
         compile_blocks(flux, backend=cfg.memory.dynamo_backend, mode=cfg.memory.dynamo_mode,
                        fullgraph=cfg.memory.dynamo_fullgraph, dynamic=cfg.memory.dynamo_dynamic)
-    ae = freeze(load_ae(m.ae, dtype=precision.ae, device=device)) if need_ae else None
-    clip = t5 = None
-    if need_text_encoders:
-        clip = freeze(load_clip_l(m.clip_l, dtype=precision.weight, device=device))
-        t5 = freeze(load_t5xxl(m.t5xxl, dtype=None if precision.fp8_text_encoders else precision.weight, device=device))
-    tokenizers = load_tokenizers(m.tokenizer_cache_dir)
-    return Models(flux=flux, flux_info=info, ae=ae, clip=clip, t5=t5, tokenizers=tokenizers,
-                  t5_max_length=t5_max_length, swapper=swapper)
+    return flux, info, swapper
 
 
 def text_encoder(models: Models, apply_t5_attn_mask: bool, precision: Precision, device: torch.device,
-                 *, clip_grad: bool = False, t5_grad: bool = False) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+                 *, clip_grad: bool = False, t5_grad: bool = False) -> TextEncodeFn:
     """captions -> {clip_pooled, t5_out, t5_mask} with the run's tokenizers, lengths and autocast."""
+    return text_encoder_of(models.tokenizers, models.clip, models.t5, models.t5_max_length, apply_t5_attn_mask,
+                           precision, device, clip_grad=clip_grad, t5_grad=t5_grad)
+
+
+def text_encoder_of(tokenizers: FluxTokenizers, clip: nn.Module | None, t5: nn.Module | None, t5_max_length: int,
+                    apply_t5_attn_mask: bool, precision: Precision, device: torch.device,
+                    *, clip_grad: bool = False, t5_grad: bool = False) -> TextEncodeFn:
+    """`text_encoder` for models not (yet) gathered in a `Models`."""
+    if clip is None or t5 is None:
+        raise RuntimeError("the text encoders were freed after caching their outputs; nothing may encode now")
     autocast = precision.autocast(device)
 
     def encode(captions: list[str]) -> dict[str, torch.Tensor]:
-        tokens = models.tokenizers.tokenize(list(captions), models.t5_max_length)
+        tokens = tokenizers.tokenize(list(captions), t5_max_length)
         with autocast():
-            out = encode_prompts(models.clip, models.t5, tokens, apply_t5_attn_mask=apply_t5_attn_mask,
+            out = encode_prompts(clip, t5, tokens, apply_t5_attn_mask=apply_t5_attn_mask,
                                  clip_grad=clip_grad, t5_grad=t5_grad)
         return {"clip_pooled": out["clip_pooled"].float(), "t5_out": out["t5_out"].float(),
                 "t5_mask": out["t5_mask"]}
@@ -133,7 +204,7 @@ def conditioning_of(batch_text: dict[str, torch.Tensor]) -> Conditioning:
     return Conditioning(batch_text["clip_pooled"], batch_text["t5_out"], batch_text["t5_mask"].bool())
 
 
-def latent_encoder(ae: AutoEncoder, precision: Precision, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def latent_encoder(ae: AutoEncoder, precision: Precision, device: torch.device) -> LatentEncodeFn:
     """pixels [B,3,H,W] in [-1,1] -> latents [B,16,H/8,W/8] float32 (the posterior mean, spec §12.8 decision)."""
 
     @torch.no_grad()

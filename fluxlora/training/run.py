@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from fluxlora.training.outputs import OutputNames
 from fluxlora.training.preflight import Preflight
 from fluxlora.training.state import TrainCounters, capture_rng
 from fluxlora.training.step import Conditioning, StepOutput, training_loss
+
+if TYPE_CHECKING:
+    from fluxlora.inference.training_samples import EncodedPrompts
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ class Run:
     train_clip: bool = False
     train_t5: bool = False
     max_norm_logs: dict[str, float] = field(default_factory=dict)
+    # --sample_prompts read and encoded at the start, when the text encoders are freed after caching
+    sample_prompts: EncodedPrompts | None = None
 
     # ---- facts ----------------------------------------------------------------------------------------------------
     @property
@@ -287,18 +292,27 @@ class Run:
         from fluxlora.inference.prompts import load_prompt_file
         from fluxlora.inference.training_samples import accelerate_image_logger, sample_during_training
 
-        encode = text_encoder(self.models, self.cfg.flow.apply_t5_attn_mask, self.precision, self.device)
-        with self.eval_context():
-            sample_during_training(
-                flux=self.models.flux, ae=self.models.ae, encode_fn=encode,
-                prompts=load_prompt_file(self.cfg.sampling.sample_prompts, flag="--sample_prompts"),
-                output_dir=self.cfg.saving.output_dir, output_name=self.cfg.saving.output_name, epoch=epoch,
-                step=step, variant=self.models.flux_info.variant, device=self.device, dtype=self.precision.compute,
-                apply_t5_attn_mask=self.cfg.flow.apply_t5_attn_mask,
-                modules=[self.network, self.models.clip, self.models.t5],
-                tracker=accelerate_image_logger(self.accelerator) if self.tracker is not None else None,
-                process_index=self.process_index, num_processes=self.num_processes, gather=self.gather_objects,
-            )
+        if self.sample_prompts is not None:  # the encoders are gone: the prompts were read and encoded up front
+            prompts, encode = list(self.sample_prompts.prompts), self.sample_prompts.encode
+        else:
+            prompts = load_prompt_file(self.cfg.sampling.sample_prompts, flag="--sample_prompts")
+            encode = text_encoder(self.models, self.cfg.flow.apply_t5_attn_mask, self.precision, self.device)
+        ae = self.models.ae
+        home = next(ae.parameters()).device
+        ae.to(self.device)  # with cached latents the AE waits on the host: on the device only while sampling
+        try:
+            with self.eval_context():
+                sample_during_training(
+                    flux=self.models.flux, ae=ae, encode_fn=encode, prompts=prompts,
+                    output_dir=self.cfg.saving.output_dir, output_name=self.cfg.saving.output_name, epoch=epoch,
+                    step=step, variant=self.models.flux_info.variant, device=self.device,
+                    dtype=self.precision.compute, apply_t5_attn_mask=self.cfg.flow.apply_t5_attn_mask,
+                    modules=[self.network, self.models.clip, self.models.t5],
+                    tracker=accelerate_image_logger(self.accelerator) if self.tracker is not None else None,
+                    process_index=self.process_index, num_processes=self.num_processes, gather=self.gather_objects,
+                )
+        finally:
+            ae.to(home)
 
     @property
     def tracker(self) -> Any | None:

@@ -18,8 +18,16 @@ from fluxlora.config.train_config import TrainConfig
 from fluxlora.data.caches import file_fingerprint
 from fluxlora.data.loader import StepClock
 from fluxlora.errors import ConfigError
+from fluxlora.inference.training_samples import EncodedPrompts, encode_sample_prompts
 from fluxlora.network.lora import create_network, create_network_from_weights
-from fluxlora.training.components import latent_encoder, load_models, precision_for, text_encoder
+from fluxlora.training.components import (
+    LatentEncodeFn,
+    Precision,
+    TextEncodeFn,
+    load_models,
+    precision_for,
+    residency_for,
+)
 from fluxlora.training.metadata import RunFacts
 from fluxlora.training.optim import build_optimizer, parse_kv_args, parse_optimizer_args, required_scheduler
 from fluxlora.training.outputs import OutputNames, save_every_n_epochs
@@ -118,8 +126,12 @@ def build_run(cfg: TrainConfig, pre: Preflight) -> Run:
     n = cfg.network
     train_unet = not n.network_train_text_encoder_only
     train_te = not n.network_train_unet_only
-    te_cached = cfg.caching.cache_text_encoder_outputs
-    models = load_models(cfg, pre.flux_info, pre.t5_max_length, precision, device)
+    caches = _CacheBuilder(cfg, pre, accelerator, precision)
+    # the caches are filled while only their models are on the device; the DiT comes last (components.load_models)
+    models = load_models(cfg, pre.flux_info, pre.t5_max_length, precision, device,
+                         with_ae=caches.latents, with_text_encoders=caches.texts)
+    # Each process wrote its share of the disk caches and reads the others' files lazily: wait until all exist.
+    accelerator.wait_for_everyone()
 
     generator = torch.Generator().manual_seed(pre.seed)
     te_list = [models.clip, models.t5]
@@ -162,38 +174,11 @@ def build_run(cfg: TrainConfig, pre: Preflight) -> Run:
     )
     scaler = torch.amp.GradScaler(device.type) if cfg.precision.mixed_precision == "fp16" else None
 
-    latent_cache = text_cache = None
-    c = cfg.caching
-    if c.cache_latents:
-        from fluxlora.data.latent_cache import build_latent_cache
-
-        latent_cache, stats = build_latent_cache(
-            pre.data.latent_items(), latent_encoder(models.ae, precision, device),
-            ae_fingerprint=f"{file_fingerprint(Path(cfg.model.ae))}:{precision.ae}", batch_size=c.vae_batch_size,
-            to_disk=c.cache_latents_to_disk, cache_dir=c.cache_dir, flip_aug=any(
-                s.flip_aug for d in pre.blueprint.datasets for s in d.subsets),
-            progress=accelerator.is_main_process, rank=accelerator.process_index,
-            world_size=accelerator.num_processes if c.cache_latents_to_disk else 1)
-        logger.info("latent cache: %s", stats)
-    if te_cached:
-        from fluxlora.data.text_cache import build_text_cache
-
-        te_fp = [file_fingerprint(Path(cfg.model.clip_l)), file_fingerprint(Path(cfg.model.t5xxl)), str(precision.weight)]
-        text_cache, stats = build_text_cache(
-            pre.data.text_items(), text_encoder(models, cfg.flow.apply_t5_attn_mask, precision, device),
-            te_fingerprint=te_fp, t5_max_length=pre.t5_max_length, apply_t5_attn_mask=cfg.flow.apply_t5_attn_mask,
-            batch_size=c.text_encoder_batch_size or cfg.dataset_flags.train_batch_size,
-            to_disk=c.cache_text_encoder_outputs_to_disk, cache_dir=c.cache_dir,
-            progress=accelerator.is_main_process, rank=accelerator.process_index,
-            world_size=accelerator.num_processes if c.cache_text_encoder_outputs_to_disk else 1)
-        logger.info("text-encoder cache: %s", stats)
-    # Each process wrote its share of the disk caches and reads the others' files lazily: wait until all exist.
-    accelerator.wait_for_everyone()
-
     facts = RunFacts(optimizer=description, num_epochs=num_epochs, max_train_steps=max_steps)
     run = Run(cfg=cfg, pre=pre, accelerator=accelerator, device=device, precision=precision, models=models,
               network=network, param_group_names=groups.names, optimizer=optimizer, scheduler=scheduler,
-              scaler=scaler, latent_cache=latent_cache, text_cache=text_cache,
+              scaler=scaler, latent_cache=caches.latent_cache, text_cache=caches.text_cache,
+              sample_prompts=caches.sample_prompts,
               names=OutputNames(cfg.saving.output_dir, cfg.saving.output_name), facts=facts,
               max_train_steps=max_steps, num_epochs=num_epochs,
               save_every_n_epochs=save_every_n_epochs(cfg.saving, num_epochs),
@@ -203,6 +188,55 @@ def build_run(cfg: TrainConfig, pre: Preflight) -> Run:
         accelerator.init_trackers(cfg.logging.log_tracker_name or "network_train",
                                   config={k: str(v) for k, v in cfg.flat().items() if "api_key" not in k})
     return run
+
+
+class _CacheBuilder:
+    """The latent and text caches (and the sample prompts' conditioning), filled by `load_models` while the AE and
+    then the text encoders are on the device."""
+
+    def __init__(self, cfg: TrainConfig, pre: Preflight, accelerator: Any, precision: Precision) -> None:
+        self.cfg, self.pre, self.accelerator, self.precision = cfg, pre, accelerator, precision
+        self.latent_cache: Any | None = None
+        self.text_cache: Any | None = None
+        self.sample_prompts: EncodedPrompts | None = None
+
+    def latents(self, encode: LatentEncodeFn) -> None:
+        cfg, c, acc = self.cfg, self.cfg.caching, self.accelerator
+        if not c.cache_latents:
+            return
+        from fluxlora.data.latent_cache import build_latent_cache
+
+        self.latent_cache, stats = build_latent_cache(
+            self.pre.data.latent_items(), encode,
+            ae_fingerprint=f"{file_fingerprint(Path(cfg.model.ae))}:{self.precision.ae}", batch_size=c.vae_batch_size,
+            to_disk=c.cache_latents_to_disk, cache_dir=c.cache_dir, flip_aug=any(
+                s.flip_aug for d in self.pre.blueprint.datasets for s in d.subsets),
+            progress=acc.is_main_process, rank=acc.process_index,
+            world_size=acc.num_processes if c.cache_latents_to_disk else 1)
+        logger.info("latent cache: %s", stats)
+
+    def texts(self, encode: TextEncodeFn) -> None:
+        cfg, c, acc = self.cfg, self.cfg.caching, self.accelerator
+        if c.cache_text_encoder_outputs:
+            from fluxlora.data.text_cache import build_text_cache
+
+            te_fp = [file_fingerprint(Path(cfg.model.clip_l)), file_fingerprint(Path(cfg.model.t5xxl)),
+                     str(self.precision.weight)]
+            self.text_cache, stats = build_text_cache(
+                self.pre.data.text_items(), encode, te_fingerprint=te_fp, t5_max_length=self.pre.t5_max_length,
+                apply_t5_attn_mask=cfg.flow.apply_t5_attn_mask,
+                batch_size=c.text_encoder_batch_size or cfg.dataset_flags.train_batch_size,
+                to_disk=c.cache_text_encoder_outputs_to_disk, cache_dir=c.cache_dir,
+                progress=acc.is_main_process, rank=acc.process_index,
+                world_size=acc.num_processes if c.cache_text_encoder_outputs_to_disk else 1)
+            logger.info("text-encoder cache: %s", stats)
+        if residency_for(cfg).drop_text_encoders and cfg.sampling.sample_prompts is not None:
+            # sd-scripts does the same: the encoders are about to go, so sampling gets its conditioning now
+            from fluxlora.inference.prompts import load_prompt_file
+
+            prompts = load_prompt_file(cfg.sampling.sample_prompts, flag="--sample_prompts")
+            self.sample_prompts = encode_sample_prompts(prompts, encode, process_index=acc.process_index,
+                                                        num_processes=acc.num_processes)
 
 
 def _start_position(run: Run, per_epoch: int) -> None:
