@@ -14,6 +14,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ _STREAMS = {"flux1-dev": 0, "flux1-schnell": 1, "clip_l": 2, "t5xxl": 3, "ae": 4
 @dataclass(frozen=True)
 class TinyPaths:
     flux_dev: Path
-    flux_schnell: Path
+    flux_schnell: Path | None  # None when only the dev file was asked for
     clip_l: Path
     t5xxl: Path
     ae: Path
@@ -86,10 +87,12 @@ def _generator(seed: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100 + _STREAMS[stream])
 
 
-def tiny_flux_state_dict(variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """BFL-keyed weights of the tiny FLUX (`variant` "dev" or "schnell")."""
+def tiny_flux_state_dict(variant: str, seed: int = 0, params: FluxParams | None = None) -> dict[str, torch.Tensor]:
+    """BFL-keyed weights of the tiny FLUX (`variant` "dev" or "schnell"), or of `params` (its guidance embedding
+    set by `variant`) for a larger model in the same format."""
+    params = tiny_flux_params(variant) if params is None else params.with_variant(variant)
     with torch.device("meta"):
-        model = Flux(tiny_flux_params(variant))
+        model = Flux(params)
     init_weights_(model.to_empty(device="cpu"), _generator(seed, f"flux1-{variant}"))
     return model.state_dict()
 
@@ -122,8 +125,14 @@ def random_flux_inputs(params: FluxParams, *, batch: int = 2, grid: tuple[int, i
     }
 
 
-def write_tiny_checkpoints(outdir: Path, seed: int = 0) -> TinyPaths:
-    """Write the five tiny checkpoints into `outdir` (atomically, deterministic from `seed`) and return their paths."""
+def write_tiny_checkpoints(outdir: Path, seed: int = 0, *, flux_params: FluxParams | None = None,
+                           t5_overrides: dict[str, Any] | None = None, schnell: bool = True) -> TinyPaths:
+    """Write the five tiny checkpoints into `outdir` (atomically, deterministic from `seed`) and return their paths.
+
+    Benchmarks write bigger models in the same formats: `flux_params` replaces the tiny FLUX (its vec_in_dim and
+    context_in_dim must equal the CLIP-L width and the T5 d_model), `t5_overrides` go to `tiny_t5xxl_config`
+    (e.g. d_model=4096 for the real txt_in width), and `schnell=False` skips the schnell file.
+    """
     from fluxlora.models.autoencoder import AutoEncoder, AutoEncoderParams
     from fluxlora.models.text_encoders import (
         build_clip_l,
@@ -134,23 +143,30 @@ def write_tiny_checkpoints(outdir: Path, seed: int = 0) -> TinyPaths:
         tiny_t5xxl_config,
     )
 
+    clip_config, t5_config = tiny_clip_l_config(), tiny_t5xxl_config(**(t5_overrides or {}))
+    if flux_params is not None and (flux_params.vec_in_dim, flux_params.context_in_dim) != (
+            clip_config.hidden_size, t5_config.d_model):
+        raise ValueError(f"flux_params has vec_in_dim {flux_params.vec_in_dim} and context_in_dim "
+                         f"{flux_params.context_in_dim}; the text encoders give {clip_config.hidden_size} and "
+                         f"{t5_config.d_model} (set t5_overrides d_model, or the FLUX widths, to match)")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     meta = {"fluxlora.tiny": f"seed={seed}"}
     paths = TinyPaths(
         flux_dev=outdir / "flux1-dev.safetensors",
-        flux_schnell=outdir / "flux1-schnell.safetensors",
+        flux_schnell=outdir / "flux1-schnell.safetensors" if schnell else None,
         clip_l=outdir / "clip_l.safetensors",
         t5xxl=outdir / "t5xxl.safetensors",
         ae=outdir / "ae.safetensors",
         tokenizers=TOKENIZERS_DIR,
     )
-    save_safetensors(paths.flux_dev, tiny_flux_state_dict("dev", seed), meta)
-    save_safetensors(paths.flux_schnell, tiny_flux_state_dict("schnell", seed), meta)
+    save_safetensors(paths.flux_dev, tiny_flux_state_dict("dev", seed, flux_params), meta)
+    if paths.flux_schnell is not None:
+        save_safetensors(paths.flux_schnell, tiny_flux_state_dict("schnell", seed, flux_params), meta)
 
-    clip = init_weights_(build_clip_l(tiny_clip_l_config()), _generator(seed, "clip_l"))
+    clip = init_weights_(build_clip_l(clip_config), _generator(seed, "clip_l"))
     save_safetensors(paths.clip_l, clip_l_file_state_dict(clip), meta)
-    t5 = init_weights_(build_t5xxl(tiny_t5xxl_config()), _generator(seed, "t5xxl"))
+    t5 = init_weights_(build_t5xxl(t5_config), _generator(seed, "t5xxl"))
     save_safetensors(paths.t5xxl, t5xxl_file_state_dict(t5), meta)
     ae = init_weights_(AutoEncoder(AutoEncoderParams.tiny()), _generator(seed, "ae"))
     save_safetensors(paths.ae, ae.state_dict(), meta)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from fluxlora.config.config_file import maybe_write_output_config
 from fluxlora.config.defaults import describe_differences
@@ -49,8 +51,10 @@ def memory_plan_lines(cfg: TrainConfig, pre: Preflight) -> list[str]:
     return plan_report(cfg, pre)
 
 
-def train(argv: list[str], *, configure_logging: bool = False):
-    """Run a whole training from command-line flags; returns the TrainResult (None for --output_config)."""
+def train(argv: list[str], *, configure_logging: bool = False, callbacks: Sequence[Callable[[Any, int], None]] = ()):
+    """Run a whole training from command-line flags; returns the TrainResult (None for --output_config).
+
+    `callbacks` are called as `callback(run, global_step)` after each optimizer step (`trainer.StepCallback`)."""
     prepared = prepare(argv, configure_logging=configure_logging)
     if prepared is None:
         return None
@@ -65,7 +69,7 @@ def train(argv: list[str], *, configure_logging: bool = False):
     cfg.saving.output_dir.mkdir(parents=True, exist_ok=True)
     if run.is_main:
         remove_stale_temp_files(cfg.saving.output_dir)  # leftovers of saves interrupted by a crash
-    result = Trainer(run).train()
+    result = Trainer(run, callbacks=callbacks).train()
     print(f"done: {result.global_step} steps; LoRA saved to {result.final_lora}")
     return result
 

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ class TrainingInterrupted(TrainingError):
         self.exit_code = 128 + signum
 
 
+StepCallback = Callable[[Run, int], None]
+"""Called as `callback(run, global_step)` after each optimizer step (after logging and any scheduled save,
+sample or validation); its own time is not counted in `TrainResult.step_seconds`."""
+
+
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)
@@ -54,16 +60,24 @@ class TrainResult:
     final_lora: Path | None = None
     global_step: int = 0
     saved: list[Path] = field(default_factory=list)
+    # Wall time of each optimizer step of this call, in order: from the end of the previous one (or the start of
+    # the loop) to the end of this one, so data loading, forward, backward, clipping, the optimizer, logging and
+    # scheduled saves are all in it; step callbacks are not. A skipped (non-finite) step's time goes to the next.
+    # On a GPU, work still queued when a step ends is counted in the next step (the next loss read waits for it).
+    step_seconds: list[float] = field(default_factory=list)
 
 
 class Trainer:
-    """Runs the loop over a prepared `Run` (models, network, optimizer, data, caches)."""
+    """Runs the loop over a prepared `Run` (models, network, optimizer, data, caches).
 
-    def __init__(self, run: Run):
+    `callbacks` are step-end hooks (`StepCallback`), e.g. a progress reporter or a benchmark's probe."""
+
+    def __init__(self, run: Run, callbacks: Sequence[StepCallback] = ()):
         self.run = run
         self.cfg: TrainConfig = run.cfg
         self.result = TrainResult()
         self.counters: TrainCounters = run.counters
+        self.callbacks: tuple[StepCallback, ...] = tuple(callbacks)
         self.stop_signal: int | None = None
         self._first_signal_at = 0.0  # time.monotonic() of the stop request
 
@@ -91,6 +105,7 @@ class Trainer:
         n = run.num_processes
         num_batches = run.data.num_batches_per_epoch
         rows = math.ceil(num_batches / n)
+        step_start = time.perf_counter()
         try:
             for epoch in range(start_epoch, run.num_epochs + 1):
                 if epoch != start_epoch:
@@ -106,8 +121,13 @@ class Trainer:
                     self.counters.batch_in_epoch = min((row + 1) * n, num_batches)
                     if (row + 1) % accum != 0 and row + 1 != rows:
                         continue
-                    self._optimizer_step(micro_losses, batch, recorder, progress)
+                    stepped = self._optimizer_step(micro_losses, batch, recorder, progress)
                     micro_losses = []
+                    if stepped:
+                        self.result.step_seconds.append(time.perf_counter() - step_start)
+                        for callback in self.callbacks:
+                            callback(run, self.counters.global_step)
+                        step_start = time.perf_counter()
                     if self.counters.global_step >= run.max_train_steps or self.stop_signal is not None:
                         break
                 if self.stop_signal is not None:
@@ -135,7 +155,8 @@ class Trainer:
         )
 
     def _optimizer_step(self, micro_losses: list[float], batch: dict[str, Any], recorder: LossRecorder,
-                        progress: Any) -> None:
+                        progress: Any) -> bool:
+        """Clip, step, log and run the step's schedule; False when the step was skipped (non-finite)."""
         run, cfg, c = self.run, self.cfg, self.counters
         loss = self._agree(sum(micro_losses) / len(micro_losses))
         stepped, grad_norm = run.optimizer_step(finite_loss=math.isfinite(loss))
@@ -148,7 +169,7 @@ class Trainer:
                 raise TrainingError(
                     f"{c.nan_streak} optimizer steps in a row had a non-finite loss or gradient; stopped at step "
                     f"{c.global_step} and saved the last good LoRA to {path}; {NAN_ADVICE}", key="--max_nan_steps")
-            return
+            return False
         c.nan_streak = 0
         c.global_step += 1
         c.loss_history.append(loss)
@@ -164,6 +185,7 @@ class Trainer:
                              lr=f"{next(iter(run.lr_logs().values()), 0.0):.2e}")
         self._on_step_end()
         faults.after_step(c.global_step)  # tests only: tells a parent process how far the run got
+        return True
 
     def _agree(self, loss: float) -> float:
         """One small all-reduce per optimizer step: the loss as the mean over processes (what is logged and
@@ -315,4 +337,4 @@ def epochs_for(max_train_steps: int, steps_per_epoch: int) -> int:
     return max(1, math.ceil(max_train_steps / max(1, steps_per_epoch)))
 
 
-__all__ = ["Trainer", "TrainResult", "TrainingInterrupted", "epochs_for", "torch"]
+__all__ = ["StepCallback", "Trainer", "TrainResult", "TrainingInterrupted", "epochs_for", "torch"]
