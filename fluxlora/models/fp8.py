@@ -68,12 +68,24 @@ def fp8_quantize(weight: torch.Tensor, *, scaled: bool,
     return (w / scale[:, None]).clamp(-largest, largest).to(dtype), scale
 
 
+def upcast_fp8_linears(module: nn.Module) -> int:
+    """Make every Linear of `module` whose weight is already fp8 (an fp8 checkpoint, or after `store_linears_in_fp8`)
+    up-cast that weight per call instead of failing in `F.linear`; returns how many. Idempotent."""
+    count = 0
+    for linear in module.modules():
+        if isinstance(linear, nn.Linear) and linear.weight.dtype in FP8_DTYPES:
+            if getattr(linear.forward, "__func__", None) is not _fp8_linear_forward:
+                linear.forward = types.MethodType(_fp8_linear_forward, linear)
+            count += 1
+    return count
+
+
 def store_linears_in_fp8(module: nn.Module, *, scaled: bool = False, dtype: torch.dtype = torch.float8_e4m3fn) -> int:
-    """Keep every Linear weight of `module` in `dtype` (fp8) and up-cast it per call; returns how many.
+    """Keep every Linear weight of `module` in `dtype` (fp8) and up-cast it per call; returns how many were converted.
 
     `scaled` (--fp8_scaled) adds a per-output-row scale (a non-persistent buffer `fp8_scale`), applied to the
-    layer output. Weights already stored in fp8 (fp8 checkpoints) are used as they are. Used by training
-    (`--fp8_base`) and by `fluxlora generate` (`--flux_dtype fp8`).
+    layer output. Weights already stored in fp8 (fp8 checkpoints) are used as they are (not counted). Used by
+    training (`--fp8_base`) and by `fluxlora generate` (`--flux_dtype fp8`).
     """
     if dtype not in FP8_DTYPES:
         raise ValueError(f"store_linears_in_fp8: {dtype} is not an fp8 dtype")
@@ -84,6 +96,6 @@ def store_linears_in_fp8(module: nn.Module, *, scaled: bool = False, dtype: torc
             linear.weight.data = weight
             if scale is not None:
                 linear.register_buffer("fp8_scale", scale, persistent=False)
-            linear.forward = types.MethodType(_fp8_linear_forward, linear)
             count += 1
+    upcast_fp8_linears(module)
     return count

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fluxlora.errors import CheckpointError
@@ -38,6 +37,7 @@ from fluxlora.models.checkpoints import (
     read_header,
     require_kind,
 )
+from fluxlora.models.fp8 import FP8_DTYPES, upcast_fp8_linears
 from fluxlora.models.tokenizers import (  # noqa: F401 - re-exported: one import site for text conditioning
     CLIP_MAX_LENGTH,
     FluxTokenizers,
@@ -51,7 +51,6 @@ if TYPE_CHECKING:  # transformers is imported lazily: it costs seconds, and pref
 
 logger = logging.getLogger(__name__)
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 CLIP_PREFIX = "text_model."
 CLIP_POSITION_IDS = "text_model.embeddings.position_ids"
 # Keys some published clip_l files carry that a CLIPTextModel does not use: the position-ids buffer (older
@@ -217,14 +216,6 @@ def t5xxl_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], **overrides)
 # ---------------------------------------------------------------- fp8 support
 
 
-class UpcastLinear(nn.Linear):
-    """A Linear whose (fp8) weight is cast to the input's dtype on each call; still an nn.Linear for LoRA."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.weight.to(x.dtype), bias)
-
-
 def _gated_ff_forward(self, hidden_states: Tensor) -> Tensor:
     # transformers casts the activations to wo's dtype before wo (fp8 here); keep them in the compute dtype.
     hidden = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
@@ -232,16 +223,12 @@ def _gated_ff_forward(self, hidden_states: Tensor) -> Tensor:
 
 
 def _enable_fp8_linears(model: nn.Module) -> int:
-    """Turn every Linear holding an fp8 weight into an UpcastLinear (and fix T5's gated FFN cast). Returns count."""
-    count = 0
+    """Up-cast every fp8 Linear weight per call (`models.fp8`, as for the DiT) and fix T5's gated FFN cast."""
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.dtype in FP8_DTYPES:
-            module.__class__ = UpcastLinear
-            count += 1
         wo = getattr(module, "wo", None)
         if hasattr(module, "wi_0") and isinstance(wo, nn.Linear) and wo.weight.dtype in FP8_DTYPES:
             module.forward = types.MethodType(_gated_ff_forward, module)
-    return count
+    return upcast_fp8_linears(model)
 
 
 # ---------------------------------------------------------------- loading
