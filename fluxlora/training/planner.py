@@ -3,7 +3,10 @@
 The estimate adds up what a step holds at its peak (end of forward / start of backward):
 - frozen weights by storage dtype (fp8 Linear weights are 1 byte; biases and norms keep the weight dtype), minus
   the swapped blocks, plus the swap ring (2 slots per block kind);
-- text encoders and autoencoder as `load_models` places them (on the device);
+- text encoders and autoencoder as `load_models` leaves them for training (`components.residency_for`): on the
+  device, unless their outputs are cached (text encoders freed; AE on the host, decoding samples only);
+- the caching phase before training (AE, then text encoders, with their encode batch) as a second device peak;
+  the reported device peak is the larger phase;
 - LoRA parameters, their gradients and the optimizer state (per-optimizer state count);
 - activations: bytes per token per block, measured once with `torch.autograd.graph.saved_tensors_hooks` on a
   width-256 block with rank-4 LoRA (fp32, and bf16 autocast) and scaled by the width; with checkpointing only
@@ -38,6 +41,9 @@ OPTIMIZER_STATES = {  # state tensors per LoRA parameter (fp32 unless noted), by
     "adamw": 2.0, "adam": 2.0, "adamw8bit": 0.5, "pagedadamw8bit": 0.5, "lion": 1.0, "lion8bit": 0.25, "sgdnesterov": 1.0,
     "sgd": 0.0, "adafactor": 0.05, "prodigy": 4.0, "dadaptadam": 3.0, "adamwschedulefree": 2.0, "radamschedulefree": 2.0,
 }
+# Full-resolution 128-channel maps the AE encoder holds at once (a ResNet block's input, GroupNorm output, SiLU
+# output, conv output); see `ae_encode_bytes`.
+AE_ENCODE_MAPS = 4
 RUNTIME_HOST_BYTES = 0.9 * GB  # python + torch + transformers imported, before any model (measured on this project)
 
 
@@ -62,18 +68,29 @@ class Workload:
     gradient_checkpointing: bool = False
     cpu_offload_checkpointing: bool = False
     blocks_to_swap: int = 0
-    other_device_bytes: int = 0  # text encoders + autoencoder on the device
+    other_device_bytes: int = 0  # text encoders + autoencoder on the device while training
+    caching_device: tuple[tuple[str, int], ...] = ()  # the caching phase before training: (what, bytes)
     other_host_bytes: int = 0  # their files as read
 
 
 @dataclass
 class MemoryPlan:
-    device: dict[str, int] = field(default_factory=dict)
+    device: dict[str, int] = field(default_factory=dict)  # the training phase
     host: dict[str, int] = field(default_factory=dict)
+    caching: dict[str, int] = field(default_factory=dict)  # the caching phase (before the DiT is loaded)
+
+    @property
+    def training_peak(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def caching_peak(self) -> int:
+        return sum(self.caching.values())
 
     @property
     def device_peak(self) -> int:
-        return sum(self.device.values())
+        """The larger phase: the caching models leave the device before the DiT comes (`load_models`)."""
+        return max(self.training_peak, self.caching_peak)
 
     @property
     def host_peak(self) -> int:
@@ -83,6 +100,11 @@ class MemoryPlan:
         def part(items: dict[str, int]) -> str:
             return ", ".join(f"{k} {v / GB:.2f}" for k, v in items.items() if v)
 
+        if self.caching:
+            return [f"device peak ≈ {self.device_peak / GB:.2f} GB, the larger of two phases:",
+                    f"  caching ≈ {self.caching_peak / GB:.2f} GB ({part(self.caching)})",
+                    f"  training ≈ {self.training_peak / GB:.2f} GB ({part(self.device)})",
+                    f"system RAM peak ≈ {self.host_peak / GB:.2f} GB ({part(self.host)})"]
         return [f"device peak ≈ {self.device_peak / GB:.2f} GB ({part(self.device)})",
                 f"system RAM peak ≈ {self.host_peak / GB:.2f} GB ({part(self.host)})"]
 
@@ -151,6 +173,7 @@ def estimate(w: Workload) -> MemoryPlan:
     plan.device["LoRA + grads"] = 2 * lora_n * lb
     plan.device["optimizer state"] = int(w.optimizer_states * lora_n * 4)
     plan.device["text encoders + AE"] = w.other_device_bytes
+    plan.caching.update(w.caching_device)
 
     tokens = w.batch_size * (w.image_tokens + w.text_tokens)
     key = _dtype_key(w.compute_dtype)
@@ -180,6 +203,9 @@ def fits_advice(w: Workload, available: int) -> str | None:
     """None when `w` fits in `available` device bytes; otherwise the cheapest change that makes it fit."""
     if estimate(w).device_peak <= available:
         return None
+    if estimate(w).caching_peak > available:  # no training flag changes the phase before training
+        return ("the caching phase (text encoders or AE with their encode batch) alone does not fit: lower "
+                "--text_encoder_batch_size / --vae_batch_size, or use an fp8 T5 file with --fp8_base")
     tries: list[tuple[str, Workload]] = []
     if not w.gradient_checkpointing:
         tries.append(("add --gradient_checkpointing", _replace(w, gradient_checkpointing=True)))
@@ -213,7 +239,7 @@ def _replace(w: Workload, **changes) -> Workload:
 def smallest_swap_that_fits(w: Workload, available: int) -> int | None:
     limit = max_blocks_to_swap(w.params.depth, w.params.depth_single_blocks)
     for n in range(0, limit + 1):
-        if estimate(_replace(w, blocks_to_swap=n)).device_peak <= available:
+        if estimate(_replace(w, blocks_to_swap=n)).training_peak <= available:  # swapping only helps training
             return n
     return None
 
@@ -222,21 +248,29 @@ def smallest_swap_that_fits(w: Workload, available: int) -> int | None:
 def workload_for(cfg, info, blueprint, t5_max_length: int, *, blocks_to_swap: int | None = None) -> Workload:
     """The workload of a parsed config, its FLUX header info and dataset blueprint (nothing is loaded)."""
     from fluxlora.models.checkpoints import read_header
-    from fluxlora.training.components import precision_for
+    from fluxlora.training.components import precision_for, residency_for
 
     prec = precision_for(cfg)
     datasets = list(blueprint.datasets)
     biggest = max(datasets, key=lambda d: d.batch_size * d.resolution[0] * d.resolution[1])
     image_tokens = (biggest.resolution[0] // 16) * (biggest.resolution[1] // 16)
     te_dtype = torch.empty((), dtype=prec.weight).element_size()
-    other_device = other_host = 0
-    for path in (cfg.model.clip_l, cfg.model.t5xxl, cfg.model.ae):
+    ae_dtype = torch.empty((), dtype=prec.ae).element_size()
+    loaded: dict[str, int] = {}  # device bytes of each frozen model as load_models casts it
+    files: dict[str, int] = {}
+    for name, path in (("clip", cfg.model.clip_l), ("t5", cfg.model.t5xxl), ("ae", cfg.model.ae)):
         header = read_header(path)
-        counts = header.dtype_counts()
-        sum(counts.values())
-        keeps_fp8 = path == cfg.model.t5xxl and prec.fp8_text_encoders
-        other_device += sum(c * (1 if keeps_fp8 and "F8" in d else te_dtype) for d, c in counts.items())
-        other_host += header.file_size
+        keeps_fp8 = name == "t5" and prec.fp8_text_encoders
+        size = ae_dtype if name == "ae" else te_dtype
+        loaded[name] = sum(c * (1 if keeps_fp8 and "F8" in d else size) for d, c in header.dtype_counts().items())
+        files[name] = header.file_size
+    res = residency_for(cfg)
+    te, ae = loaded["clip"] + loaded["t5"], loaded["ae"]
+    other_device = (0 if res.drop_text_encoders else te) + (0 if res.ae_off_device else ae)
+    caching = caching_phase(cfg, prec, te, ae, biggest.resolution, t5_max_length)
+    # the DiT's file is read after the text encoders are freed (load_models), so their pages need not coexist
+    other_host = max(sum(files.values()), files["ae"] + info.size_bytes) if res.drop_text_encoders else \
+        sum(files.values()) + info.size_bytes
     opt = cfg.optim.optimizer_type.lower().replace("_", "").split(".")[-1] if cfg.optim.optimizer_type else "adamw"
     swap = cfg.memory.blocks_to_swap if blocks_to_swap is None else blocks_to_swap
     return Workload(
@@ -247,8 +281,42 @@ def workload_for(cfg, info, blueprint, t5_max_length: int, *, blocks_to_swap: in
         gradient_checkpointing=cfg.memory.gradient_checkpointing,
         cpu_offload_checkpointing=cfg.memory.cpu_offload_checkpointing,
         blocks_to_swap=0 if swap == "auto" else int(swap), other_device_bytes=other_device,
-        other_host_bytes=other_host + info.size_bytes,
+        other_host_bytes=other_host, caching_device=caching,
     )
+
+
+def ae_encode_bytes(pixels: int, dtype_bytes: int) -> int:
+    """Device bytes the FLUX.1 AE encoder holds at once for one image of `pixels` pixels (no grad): a few
+    128-channel full-resolution feature maps (`AE_ENCODE_MAPS`) and the float32 input."""
+    return int(pixels * (AE_ENCODE_MAPS * 128 * dtype_bytes + 3 * 4))
+
+
+def t5_encode_bytes(tokens: int, dtype_bytes: int) -> int:
+    """Device bytes T5-XXL holds at once for one caption of `tokens` tokens (no grad, analytic): one layer's
+    attention scores and their float32 softmax (64 heads), the gated FFN (3 × 10240 wide), a few 4096-wide hidden
+    states, and the float32 output the cache copies."""
+    heads, d_model, d_ff = 64, 4096, 10240
+    return int(heads * tokens ** 2 * (2 * dtype_bytes + 4) + tokens * (3 * d_ff + 5 * d_model) * dtype_bytes
+               + tokens * d_model * 4)
+
+
+def caching_phase(cfg, prec, te_bytes: int, ae_bytes: int, resolution: tuple[int, int],
+                  t5_max_length: int) -> tuple[tuple[str, int], ...]:
+    """The caching phase's device use, the larger of its two steps (`components.load_models`): the AE encoding
+    latents, then CLIP-L + T5 encoding captions (next to the AE when latents are not cached). Empty without
+    caching: then the models load straight into the training phase."""
+    c = cfg.caching
+    steps: list[tuple[tuple[str, int], ...]] = []
+    if c.cache_latents:
+        ae_dtype = torch.empty((), dtype=prec.ae).element_size()
+        steps.append((("AE", ae_bytes),
+                      ("AE encode batch", c.vae_batch_size * ae_encode_bytes(resolution[0] * resolution[1], ae_dtype))))
+    if c.cache_text_encoder_outputs:
+        te_dtype = torch.empty((), dtype=prec.weight).element_size()
+        batch = c.text_encoder_batch_size or cfg.dataset_flags.train_batch_size
+        steps.append((("text encoders", te_bytes), ("AE", 0 if c.cache_latents else ae_bytes),
+                      ("T5 encode batch", batch * t5_encode_bytes(t5_max_length, te_dtype))))
+    return max(steps, key=lambda items: sum(b for _, b in items), default=())
 
 
 def machine_memory() -> tuple[str, int, int]:
