@@ -20,7 +20,7 @@ from fluxlora.errors import ConfigError
 # them is simply the value that reproduces sd-scripts' behaviour.
 FLUXLORA_FLAGS = (
     "ignore_unsupported", "sd_scripts_defaults", "overwrite", "resume_force", "skip_bad_images",
-    "cache_dir", "fp8_scaled", "max_nan_steps", "dry_run",
+    "cache_dir", "fp8_scaled", "max_nan_steps", "dry_run", "checkpoint_blocks",
 )
 
 
@@ -207,6 +207,11 @@ def _precision_memory_args(parser: FluxArgumentParser) -> None:
     add("save_precision", type=str, choices=[None, "float", "fp16", "bf16"], help="dtype of saved LoRA tensors")
     _flag(add, "no_half_vae", "autoencoder in fp32")
     _flag(add, "gradient_checkpointing", "recompute block activations in backward")
+    add("checkpoint_blocks", type=int_or_auto, metavar="N|auto",
+        help="with --gradient_checkpointing: checkpoint only N of the DiT blocks (the blocks swapped by "
+             "--blocks_to_swap, then the first ones in execution order; the others keep their activations and skip "
+             "the recompute: faster, more memory), or 'auto' = the fewest whose estimate fits 95%% of the free GPU "
+             "memory (all blocks on a CPU). Default: all blocks, as sd-scripts")
     _flag(add, "cpu_offload_checkpointing", "keep checkpointed activations on the CPU")
     add("blocks_to_swap", type=int_or_auto, help="DiT blocks streamed from CPU (0-35) or 'auto'")
     _flag(add, "split_mode", "deprecated: --blocks_to_swap 18")

@@ -146,6 +146,7 @@ class PrecisionSettings:
 @dataclass(frozen=True)
 class MemorySettings:
     gradient_checkpointing: bool
+    checkpoint_blocks: int | str | None  # None = every block (with gradient_checkpointing); "auto" = planner's choice
     cpu_offload_checkpointing: bool
     blocks_to_swap: int | str  # 0 = none; "auto" = chosen from the free GPU memory
     lowram: bool

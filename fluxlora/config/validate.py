@@ -243,9 +243,33 @@ def _check_precision_memory(d: Mapping[str, Any], given: Mapping[str, Any], erro
         errors.append("--blocks_to_swap cannot be used with --cpu_offload_checkpointing; choose one")
     if d["cpu_offload_checkpointing"] and not d["gradient_checkpointing"]:
         errors.append("--cpu_offload_checkpointing has no effect without --gradient_checkpointing; add it")
+    _check_checkpoint_blocks(d, errors)
     if d["save_model_as"] in ("ckpt", "pt"):
         errors.append(f"--save_model_as {d['save_model_as']} is not supported: pickle files can run code when "
                       "loaded; use --save_model_as safetensors")
+
+
+def _check_checkpoint_blocks(d: Mapping[str, Any], errors: list[str]) -> None:
+    """--checkpoint_blocks: needs --gradient_checkpointing, is non-negative and covers the swapped blocks. The
+    upper bound is the model's block count, checked in preflight from the file header."""
+    n = d["checkpoint_blocks"]
+    if n is None:
+        return
+    if not d["gradient_checkpointing"]:
+        errors.append(f"--checkpoint_blocks {n} needs --gradient_checkpointing (it chooses how many blocks are "
+                      "checkpointed); add --gradient_checkpointing or drop --checkpoint_blocks")
+        return
+    if n == "auto":
+        return
+    if n < 0:
+        errors.append(f"--checkpoint_blocks {n} must be 0 or more (or auto)")
+    swap = d["blocks_to_swap"]
+    if swap not in ("auto", None) and 0 < swap <= MAX_BLOCKS_TO_SWAP:
+        swapped = swap // 2 + 2 * (swap - swap // 2)  # sd-scripts' split: N//2 double + 2·(N − N//2) single
+        if n < swapped:
+            errors.append(f"--checkpoint_blocks {n} is below the {swapped} blocks --blocks_to_swap {swap} streams; "
+                          f"swapped blocks must be recomputed in backward, so use --checkpoint_blocks {swapped} or "
+                          "more")
 
 
 def _check_numbers(d: Mapping[str, Any], given: Mapping[str, Any], errors: list[str]) -> None:

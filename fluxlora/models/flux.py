@@ -259,12 +259,12 @@ def checkpointed_positions(depth: int, depth_single: int, n: int | None,
     total = depth + depth_single
     if n is None or n >= total:
         return None
-    if not 0 <= n:
+    if n < 0:
         raise ValueError(f"the number of checkpointed blocks must be at least 0, got {n}")
     must = sorted(set(swapped))
     if len(must) > n:
         raise ValueError(f"{len(must)} swapped blocks must all be checkpointed, but only {n} are")
-    rest = [i for i in range(total) if i not in set(must)]
+    rest = [i for i in range(total) if i not in must]
     return frozenset(must + rest[: n - len(must)])
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from fluxlora.config.train_config import TrainConfig
 from fluxlora.models.autoencoder import AutoEncoder, load_ae
-from fluxlora.models.flux import Flux
+from fluxlora.models.flux import Flux, checkpointed_positions
 from fluxlora.models.flux_loading import FluxInfo, load_flux
 from fluxlora.models.fp8 import store_linears_in_fp8
 from fluxlora.models.text_encoders import encode_prompts, load_clip_l, load_t5xxl
@@ -118,6 +118,9 @@ def load_models(cfg: TrainConfig, info: FluxInfo, t5_max_length: int, precision:
 
         # before anything is loaded: `auto` compares the planner's whole-run estimate with the free memory
         blocks_to_swap = resolve_blocks_to_swap(cfg, info, device)
+    from fluxlora.training.planner import resolve_checkpoint_blocks
+
+    checkpoint_blocks = resolve_checkpoint_blocks(cfg, info, device, blocks_to_swap)  # `auto`: before loading too
     m = cfg.model
     residency = residency_for(cfg)
     tokenizers = load_tokenizers(m.tokenizer_cache_dir)
@@ -139,7 +142,7 @@ def load_models(cfg: TrainConfig, info: FluxInfo, t5_max_length: int, precision:
         _release(device)
         logger.info("text encoders freed: their outputs (and the sample prompts') are cached")
 
-    flux, info, swapper = _load_flux(cfg, precision, device, blocks_to_swap)
+    flux, info, swapper = _load_flux(cfg, precision, device, blocks_to_swap, checkpoint_blocks)
     return Models(flux=flux, flux_info=info, ae=ae, clip=clip, t5=t5, tokenizers=tokenizers,
                   t5_max_length=t5_max_length, swapper=swapper)
 
@@ -154,7 +157,7 @@ def _release(device: torch.device) -> None:
 
 
 def _load_flux(cfg: TrainConfig, precision: Precision, device: torch.device,
-               blocks_to_swap: int) -> tuple[Flux, FluxInfo, BlockSwapper | None]:
+               blocks_to_swap: int, checkpoint_blocks: int | None = None) -> tuple[Flux, FluxInfo, BlockSwapper | None]:
     m = cfg.model
     flux, info = load_flux(m.pretrained_model_name_or_path, dtype=precision.weight, device="cpu")
     freeze(flux)
@@ -166,6 +169,8 @@ def _load_flux(cfg: TrainConfig, precision: Precision, device: torch.device,
     flux.cpu_offload_checkpointing = cfg.memory.cpu_offload_checkpointing
     swapper = place_flux(flux, device, blocks_to_swap)
     flux.requires_checkpointing = swapper is not None
+    flux.checkpointed = checkpointed_positions(info.params.depth, info.params.depth_single_blocks, checkpoint_blocks,
+                                               swapper.swapped_positions() if swapper else ())
     if cfg.memory.torch_compile:
         from fluxlora.training.compile import compile_blocks
 

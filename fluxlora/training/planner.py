@@ -9,10 +9,11 @@ The estimate adds up what a step holds at its peak (end of forward / start of ba
   the reported device peak is the larger phase;
 - LoRA parameters, their gradients and the optimizer state (per-optimizer state count);
 - activations: bytes per token per block, measured once with `torch.autograd.graph.saved_tensors_hooks` on a
-  width-256 block with rank-4 LoRA (fp32, and bf16 autocast) and scaled by the width; with checkpointing only
-  each block's inputs are kept, plus one block's full activations while it is recomputed;
+  width-256 block with rank-4 LoRA (fp32, and bf16 autocast) and scaled by the width; a checkpointed block keeps
+  only its inputs, an un-checkpointed one its full activations; the peak is the larger of the start of backward
+  and the recompute of a checkpointed block (while the un-checkpointed blocks before it still hold theirs);
 - host RAM: the process itself, the model files read (memory-mapped pages count), swapped blocks (pinned).
-It says whether that fits and, if not, what to add (block swap, fp8, checkpointing).
+It says whether that fits and, if not, what to add (block swap, fp8, checkpointing, and how many blocks).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fluxlora.models.flux import FluxParams
+from fluxlora.errors import ConfigError
+from fluxlora.models.flux import FluxParams, checkpointed_positions
 from fluxlora.training.memory import DEFAULT_RING_SIZE, max_blocks_to_swap, swap_split
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class Workload:
     lora_dtype: torch.dtype = torch.float32
     optimizer_states: float = 2.0
     gradient_checkpointing: bool = False
+    checkpoint_blocks: int | None = None  # blocks checkpointed with gradient_checkpointing; None = all of them
     cpu_offload_checkpointing: bool = False
     blocks_to_swap: int = 0
     other_device_bytes: int = 0  # text encoders + autoencoder on the device while training
@@ -180,16 +183,27 @@ def estimate(w: Workload) -> MemoryPlan:
     per_double = ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH[(key, "double")] * p.hidden_size * tokens
     per_single = ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH[(key, "single")] * p.hidden_size * tokens
     abytes = 4 if key == "fp32" else 2
-    if w.gradient_checkpointing:
+    per_block = [per_double] * p.depth + [per_single] * p.depth_single_blocks
+    ckpt = checkpointed_blocks(w)
+    grads = BACKWARD_BLOCKS * max(per_double, per_single)
+    # start of backward: every un-checkpointed block's activations, and the gradients of the block in backward
+    full = sum(a for i, a in enumerate(per_block) if i not in ckpt)
+    peak = full + grads
+    held_before = 0.0  # activations of un-checkpointed blocks that run before (so are backpropagated after) block j
+    for j, a in enumerate(per_block):
+        if j in ckpt:
+            peak = max(peak, held_before + a + grads)  # block j recomputed while those are still held
+        else:
+            held_before += a
+    if ckpt:
         # each checkpointed block keeps only its inputs (double: img + txt; single: the joint sequence)
-        kept = (p.depth + p.depth_single_blocks) * tokens * p.hidden_size * abytes
+        kept = len(ckpt) * tokens * p.hidden_size * abytes
         if w.cpu_offload_checkpointing:
             plan.host["checkpointed block inputs"] = kept
             kept = 0
-        plan.device["activations (checkpointed)"] = int(kept + (1 + BACKWARD_BLOCKS) * max(per_double, per_single))
+        plan.device["activations (checkpointed)"] = int(kept + peak)
     else:
-        plan.device["activations"] = int(p.depth * per_double + p.depth_single_blocks * per_single
-                                         + BACKWARD_BLOCKS * max(per_double, per_single))
+        plan.device["activations"] = int(peak)
     # embeddings, RoPE table, loss, latents and text states of the batch
     plan.device["inputs"] = int(tokens * (p.hidden_size * 4 + p.head_dim * 4 * 2 + p.context_in_dim * 4))
 
@@ -197,6 +211,31 @@ def estimate(w: Workload) -> MemoryPlan:
     plan.host["swapped blocks (pinned)"] = swap_d * double_b + swap_s * single_b
     plan.host["model files read"] = w.other_host_bytes
     return plan
+
+
+def checkpointed_blocks(w: Workload) -> frozenset[int]:
+    """Execution-order positions of the blocks `w` checkpoints (swapped blocks always are; see
+    `fluxlora.models.flux.checkpointed_positions`)."""
+    p = w.params
+    total = p.depth + p.depth_single_blocks
+    if not w.gradient_checkpointing:
+        return frozenset()
+    swap_d, swap_s = swap_split(w.blocks_to_swap) if w.blocks_to_swap else (0, 0)
+    swapped = [*range(p.depth - swap_d, p.depth), *range(total - swap_s, total)]
+    n = total if w.checkpoint_blocks is None else max(w.checkpoint_blocks, len(swapped))
+    chosen = checkpointed_positions(p.depth, p.depth_single_blocks, n, swapped)
+    return frozenset(range(total)) if chosen is None else chosen
+
+
+def smallest_checkpoint_blocks_that_fit(w: Workload, available: int) -> int | None:
+    """The fewest checkpointed blocks (with gradient checkpointing on, at least the swapped ones) whose estimate
+    fits `available` device bytes; None when even all of them do not fit."""
+    p = w.params
+    swapped = sum(swap_split(w.blocks_to_swap)) if w.blocks_to_swap else 0
+    for n in range(swapped, p.depth + p.depth_single_blocks + 1):
+        if estimate(_replace(w, gradient_checkpointing=True, checkpoint_blocks=n)).device_peak <= available:
+            return n
+    return None
 
 
 def fits_advice(w: Workload, available: int) -> str | None:
@@ -207,9 +246,15 @@ def fits_advice(w: Workload, available: int) -> str | None:
         return ("the caching phase (text encoders or AE with their encode batch) alone does not fit: lower "
                 "--text_encoder_batch_size / --vae_batch_size, or use an fp8 T5 file with --fp8_base")
     tries: list[tuple[str, Workload]] = []
-    if not w.gradient_checkpointing:
-        tries.append(("add --gradient_checkpointing", _replace(w, gradient_checkpointing=True)))
-    ckpt = _replace(w, gradient_checkpointing=True)
+    total = w.params.depth + w.params.depth_single_blocks
+    n = smallest_checkpoint_blocks_that_fit(w, available)
+    if n is not None:  # checkpointing only as many blocks as needed is the fastest fix
+        if not w.gradient_checkpointing:
+            hint = "add --gradient_checkpointing" + (f" --checkpoint_blocks {n}" if n < total else "")
+        else:
+            hint = f"set --checkpoint_blocks {n}" if n < total else "remove --checkpoint_blocks (checkpoint every block)"
+        tries.append((hint, _replace(w, gradient_checkpointing=True, checkpoint_blocks=n)))
+    ckpt = _replace(w, gradient_checkpointing=True, checkpoint_blocks=None)
     if not w.fp8 and w.compute_dtype is not None:
         tries.append(("add --gradient_checkpointing --fp8_base" if not w.gradient_checkpointing else "add --fp8_base",
                       _replace(ckpt, fp8=True)))
@@ -226,7 +271,8 @@ def fits_advice(w: Workload, available: int) -> str | None:
                 break
     for hint, candidate in tries:
         if estimate(candidate).device_peak <= available:
-            return hint
+            drop = w.checkpoint_blocks is not None and candidate.checkpoint_blocks is None  # it needs every block
+            return hint + (" and remove --checkpoint_blocks" if drop else "")
     return "even the largest block swap with fp8 does not fit: lower the resolution or batch size, or use a larger GPU"
 
 
@@ -279,6 +325,7 @@ def workload_for(cfg, info, blueprint, t5_max_length: int, *, blocks_to_swap: in
         compute_dtype=prec.compute if prec.mixed else None, lora_rank=cfg.network.network_dim or 4,
         lora_dtype=prec.lora, optimizer_states=OPTIMIZER_STATES.get(opt, 2.0),
         gradient_checkpointing=cfg.memory.gradient_checkpointing,
+        checkpoint_blocks=cfg.memory.checkpoint_blocks if isinstance(cfg.memory.checkpoint_blocks, int) else None,
         cpu_offload_checkpointing=cfg.memory.cpu_offload_checkpointing,
         blocks_to_swap=0 if swap == "auto" else int(swap), other_device_bytes=other_device,
         other_host_bytes=other_host, caching_device=caching,
@@ -342,7 +389,67 @@ def plan_report(cfg, pre) -> list[str]:
         lines.append(f"does NOT fit {name} ({free / GB:.1f} GB free): {fits_advice(w, free)}")
     if not cpu and plan.host_peak > ram:
         lines.append(f"system RAM {ram / GB:.1f} GB is below the estimated {plan.host_peak / GB:.1f} GB peak")
+    lines.append(_checkpoint_line(w, cfg.memory.checkpoint_blocks, None if cpu else int(0.95 * free)))
     return lines
+
+
+def _checkpoint_line(w: Workload, flag: int | str | None, available: int | None) -> str:
+    """How many blocks are checkpointed, and how many would do here (`available` device bytes; None on a CPU)."""
+    total = w.params.depth + w.params.depth_single_blocks
+    if not w.gradient_checkpointing:
+        return f"gradient checkpointing: off (all {total} blocks keep their activations)"
+    fewest = None if available is None else smallest_checkpoint_blocks_that_fit(w, available)
+    if flag == "auto":
+        n = total if fewest is None else fewest
+        why = "without a GPU auto checkpoints every block" if available is None else "the fewest that fit"
+        return f"gradient checkpointing: {n} of {total} blocks (--checkpoint_blocks auto: {why})"
+    n = len(checkpointed_blocks(w))
+    line = f"gradient checkpointing: {n} of {total} blocks"
+    if fewest is not None and fewest < n:
+        line += f"; {fewest} would fit 95 % of the free memory here (--checkpoint_blocks {fewest} or auto: faster)"
+    return line
+
+
+def check_checkpoint_blocks(cfg, info) -> None:
+    """Preflight: a numeric --checkpoint_blocks within the model's real block count (from the file header)."""
+    n = cfg.memory.checkpoint_blocks
+    total = info.params.depth + info.params.depth_single_blocks
+    if isinstance(n, int) and n > total:
+        raise ConfigError(f"--checkpoint_blocks {n}: this model has {info.params.depth} double and "
+                          f"{info.params.depth_single_blocks} single blocks, so at most {total} can be checkpointed; "
+                          f"use a value from 0 to {total} (or drop the flag to checkpoint all of them)",
+                          key="--checkpoint_blocks")
+
+
+def resolve_checkpoint_blocks(cfg, info, device: torch.device, blocks_to_swap: int) -> int | None:
+    """--checkpoint_blocks as a number of blocks, None = all (or checkpointing off). `auto` = the fewest blocks
+    (at least the swapped ones) whose estimate fits 95 % of the free device memory; all of them without a GPU."""
+    n = cfg.memory.checkpoint_blocks
+    if not cfg.memory.gradient_checkpointing or n is None:
+        return None
+    total = info.params.depth + info.params.depth_single_blocks
+    swapped = sum(swap_split(blocks_to_swap)) if blocks_to_swap else 0
+    if n != "auto":
+        if n < swapped:  # only with --blocks_to_swap auto; a fixed swap is checked when the flags are parsed
+            logger.info("--checkpoint_blocks %d: raised to the %d blocks --blocks_to_swap streams", n, swapped)
+        return max(int(n), swapped)
+    if torch.device(device).type != "cuda":
+        logger.info("--checkpoint_blocks auto: no GPU, all %d blocks are checkpointed", total)
+        return None
+    from fluxlora.models.tokenizers import t5_max_length_for
+    from fluxlora.training.preflight import load_blueprint
+
+    free, _ = torch.cuda.mem_get_info(device)
+    w = workload_for(cfg, info, load_blueprint(cfg), t5_max_length_for(info.variant, cfg.flow.t5xxl_max_token_length),
+                     blocks_to_swap=blocks_to_swap)
+    chosen = smallest_checkpoint_blocks_that_fit(w, int(0.95 * free))
+    if chosen is None:
+        chosen = total
+        logger.warning("--checkpoint_blocks auto: even all %d blocks checkpointed are estimated not to fit %.1f GB "
+                       "free", total, free / GB)
+    logger.info("--checkpoint_blocks auto: %d of %d blocks (estimated device peak %.2f GB of %.2f GB free)", chosen,
+                total, estimate(_replace(w, checkpoint_blocks=chosen)).device_peak / GB, free / GB)
+    return chosen
 
 
 def resolve_blocks_to_swap(cfg, info, device: torch.device) -> int:

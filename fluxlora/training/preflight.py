@@ -27,6 +27,7 @@ from fluxlora.models.checkpoints import ModelKind, read_header, require_kind
 from fluxlora.models.flux_loading import FluxInfo, inspect_flux
 from fluxlora.models.tokenizers import t5_max_length_for
 from fluxlora.training.memory import check_memory_flags
+from fluxlora.training.planner import check_checkpoint_blocks
 from fluxlora.training.state import COMPLETE_MARKER
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def run_preflight(cfg: TrainConfig) -> Preflight:
     """All checks that need no weights, in the order a user would fix them."""
     info = check_model_files(cfg)
     check_memory_flags(cfg, info)
+    check_checkpoint_blocks(cfg, info)
     t5_len = t5_max_length_for(info.variant, cfg.flow.t5xxl_max_token_length)
     check_network_weights(cfg, info)
     check_output_dir(cfg.saving.output_dir)
