@@ -15,6 +15,7 @@ from fluxlora.inference.prompts import SamplePrompt
 from fluxlora.inference.sampler import generate_images
 from fluxlora.inference.training_samples import (
     accelerate_image_logger,
+    encode_sample_prompts,
     make_grid,
     sample_during_training,
     sample_grid_path,
@@ -181,3 +182,31 @@ def test_with_gather_only_the_main_process_writes_every_prompt(tiny_models, tmp_
     paths = sample_during_training(**common, process_index=0, gather=lambda share: [share, shares[0]])
     assert [p.name for p in paths] == ["e000000_00_20250304050607_1.png", "e000000_01_20250304050607_2.png",
                                        "e000000_02_20250304050607_3.png", "e000000_20250304050607_grid.png"]
+
+
+@pytest.mark.parametrize("process_index", [0, 1])
+def test_prompts_encoded_up_front_give_the_same_images_as_live_encoders(tiny_models, tmp_path, process_index):
+    prompts = PROMPTS + [SamplePrompt("a bird", negative_prompt="blurry", width=32, height=32, seed=3, steps=1,
+                                      cfg_scale=2.0)]
+    calls: list[list[str]] = []
+
+    def counting(texts):
+        calls.append(list(texts))
+        return tiny_models.encode_fn("dev")(texts)
+
+    encoded = encode_sample_prompts(prompts, counting, process_index=process_index, num_processes=2)
+    # only this process's share (prompt i goes to process i mod 2), negative prompts of true-CFG prompts included
+    mine = {0: ["a cat", "a bird", "blurry"], 1: ["a dog"]}[process_index]
+    assert calls == [mine] and sorted(encoded.conds) == sorted(mine)
+    assert all(t.device.type == "cpu" for c in encoded.conds.values() for t in c.values())
+    assert list(encoded.prompts) == prompts
+    common = dict(flux=tiny_models.flux["dev"], ae=tiny_models.ae, prompts=prompts, output_name="run", step=3,
+                  epoch=None, variant="dev", device="cpu", now=NOW, process_index=process_index, num_processes=2)
+    live = sample_during_training(encode_fn=tiny_models.encode_fn("dev"), output_dir=tmp_path / "live", **common)
+    cached = sample_during_training(encode_fn=encoded.encode, output_dir=tmp_path / "cached", **common)
+    assert [p.name for p in live] == [p.name for p in cached] and len(live) == {0: 3, 1: 2}[process_index]
+    for a, b in zip(live, cached, strict=True):
+        with Image.open(a) as x, Image.open(b) as y:
+            assert np.array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(KeyError, match="was not encoded"):
+        encoded.encode(["a prompt nobody encoded"])

@@ -118,3 +118,58 @@ def test_check_prints_the_plan(train_argv, capsys):
 def test_swap_beyond_the_model_or_without_checkpointing_is_refused(train_argv):
     with pytest.raises(ConfigError, match=r"--blocks_to_swap 1: this model has 2 double and 2 single blocks"):
         run_preflight(parse_train_config(train_argv("--blocks_to_swap=1", "--gradient_checkpointing")))
+
+
+def _workload(argv):
+    from fluxlora.training.planner import workload_for
+
+    cfg = parse_train_config(argv)
+    pre = run_preflight(cfg)
+    return workload_for(cfg, pre.flux_info, pre.blueprint, pre.t5_max_length)
+
+
+def _loaded_bytes(path, element_size):
+    from fluxlora.models.checkpoints import read_header
+
+    return sum(read_header(path).dtype_counts().values()) * element_size
+
+
+def test_cached_outputs_move_the_encoders_from_training_to_the_caching_phase(train_argv, tiny_ckpts, capsys):
+    bf16 = ("--mixed_precision=bf16", "--max_train_steps=1")
+    te = _loaded_bytes(tiny_ckpts.clip_l, 2) + _loaded_bytes(tiny_ckpts.t5xxl, 2)
+    ae = _loaded_bytes(tiny_ckpts.ae, 2)
+    plain = estimate(_workload(train_argv(*bf16)))
+    te_cached = estimate(_workload(train_argv(*bf16, "--cache_text_encoder_outputs")))
+    both = estimate(_workload(train_argv(*bf16, "--cache_text_encoder_outputs", "--cache_latents")))
+    clip_lora = train_argv(*bf16, "--cache_text_encoder_outputs")
+    clip_lora.remove("--network_train_unet_only")
+    te_trained = estimate(_workload(clip_lora))
+
+    assert not plain.caching and plain.device_peak == plain.training_peak
+    assert plain.device["text encoders + AE"] == te + ae
+    # the training phase drops exactly the freed encoders (and the AE that leaves the device with cached latents)
+    assert plain.training_peak - te_cached.training_peak == te
+    assert plain.training_peak - both.training_peak == te + ae
+    # a CLIP-L LoRA keeps both encoders on the device for training
+    assert te_trained.training_peak == plain.training_peak
+    # the caching phase holds the encoders (next to the AE unless latents were cached first) and their batch
+    assert te_cached.caching["text encoders"] == te and te_cached.caching["AE"] == ae
+    assert both.caching["text encoders"] == te and both.caching["AE"] == 0
+    assert te_cached.caching["T5 encode batch"] > 0
+    for plan in (te_cached, both):
+        assert plan.device_peak == max(plan.caching_peak, plan.training_peak)
+
+    assert check_main(train_argv(*bf16, "--cache_text_encoder_outputs")) == 0
+    out = capsys.readouterr().out
+    assert "caching ≈" in out and "training ≈" in out and "T5 encode batch" in out
+
+
+def test_a_caching_phase_that_does_not_fit_gets_its_own_advice():
+    dev = FluxParams.dev()
+    w = Workload(params=dev, gradient_checkpointing=True, fp8=True, blocks_to_swap=30,
+                 caching_device=(("text encoders", int(9.6 * GB)), ("T5 encode batch", int(0.2 * GB))))
+    plan = estimate(w)
+    assert plan.device_peak == plan.caching_peak > plan.training_peak
+    advice = fits_advice(w, int(8 * GB))
+    assert advice is not None and "--text_encoder_batch_size" in advice
+    assert fits_advice(w, int(12 * GB)) is None
