@@ -94,6 +94,10 @@ class Trainer:
             gradient_accumulation_steps=accum, max_train_steps=run.max_train_steps,
             num_processes=run.num_processes, process_index=run.process_index,
         )
+        # freeze() left the DiT in eval mode, and Flux only checkpoints blocks (--gradient_checkpointing, and the
+        # recompute block swap needs) in training mode; FLUX has no dropout or batch norm, so nothing else changes.
+        # Validation and sampling run under no_grad, where no block is checkpointed in either mode.
+        run.models.flux.train()
         self._install_signal_handlers()
         progress = _progress(run.max_train_steps, self.counters.global_step, enabled=run.is_main)
         if cfg.sampling.sample_at_first and self.counters.global_step == 0:

@@ -67,3 +67,23 @@ def test_initial_step_starts_at_the_absolute_step_and_skips_its_batches(train_ar
     assert late.global_step == 4
     assert late.losses == pytest.approx(full.losses[2:], rel=1e-6)  # steps 3 and 4 of the full run
     assert (tmp_path / "late" / "lora-step00000003.safetensors").is_file()  # file names use the absolute step
+
+
+def test_gradient_checkpointing_is_applied_in_the_training_loop(train_argv, tmp_path, monkeypatch):
+    # The loaded DiT is frozen (eval mode) and Flux only checkpoints in training mode: the loop must switch it.
+    import fluxlora.models.flux as flux_module
+    from fluxlora.models.tiny import TINY_FLUX
+
+    calls: list[int] = []
+    real = flux_module.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flux_module, "checkpoint", counting)
+    plain = train(train_argv("--max_train_steps=2", output_dir=tmp_path / "plain"))
+    assert calls == []
+    ckpt = train(train_argv("--max_train_steps=2", "--gradient_checkpointing", output_dir=tmp_path / "ckpt"))
+    assert len(calls) == 2 * (TINY_FLUX.depth + TINY_FLUX.depth_single_blocks)  # every block of each step's forward
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)  # recomputation changes nothing
