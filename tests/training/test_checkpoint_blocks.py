@@ -147,15 +147,20 @@ def test_check_prints_how_many_blocks_are_checkpointed(train_argv, capsys):
 
 
 def test_training_with_one_checkpointed_block_equals_checkpointing_all(train_argv, tmp_path):
-    seen = []
+    seen, calls = [], [0] * 4
 
     def spy(run, step):
-        seen.append(run.models.flux.checkpointed)
+        flux = run.models.flux
+        seen.append(flux.checkpointed)
+        if step == 1:  # count block runs during the second step: a checkpointed block runs again in backward
+            for i, block in enumerate([*flux.double_blocks, *flux.single_blocks]):
+                block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
 
     partial = train(train_argv("--max_train_steps=2", "--gradient_checkpointing", "--checkpoint_blocks=1",
                                output_dir=tmp_path / "one"), callbacks=[spy])
     every = train(train_argv("--max_train_steps=2", "--gradient_checkpointing", output_dir=tmp_path / "all"))
     assert seen == [frozenset({0}), frozenset({0})]  # the first double block only
+    assert calls == [2, 1, 1, 1]
     assert partial.losses == every.losses and len(partial.losses) == 2
     a, b = load_file(str(partial.final_lora)), load_file(str(every.final_lora))
     assert a.keys() == b.keys() and a
