@@ -214,6 +214,27 @@ def _prepare_kwargs(
     return learning_rate
 
 
+def _construct(optimizer_type: str, param_groups: list[dict], learning_rate: float,
+               optimizer_args: dict[str, object] | None) -> tuple[torch.optim.Optimizer, type, dict[str, object]]:
+    key, cls = _optimizer_class(resolve_optimizer_name(optimizer_type, False, False))
+    groups = [dict(group) for group in param_groups]
+    kwargs = dict(optimizer_args or {})
+    lr = _prepare_kwargs(key, groups, learning_rate, kwargs)
+    try:
+        return cls(groups, lr=lr, **kwargs), cls, kwargs
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"--optimizer_args {kwargs} do not suit {cls.__module__}.{cls.__name__}: {exc}; fix or remove them",
+            key="--optimizer_args",
+        ) from exc
+
+
+def check_optimizer(optimizer_type: str, *, learning_rate: float, optimizer_args: dict[str, object] | None) -> None:
+    """Build the optimizer over one dummy parameter: an unknown name, a missing package or arguments the class
+    refuses fail here, in the preflight, instead of after the models are loaded."""
+    _construct(optimizer_type, [{"params": [torch.zeros(1, requires_grad=True)]}], learning_rate, optimizer_args)
+
+
 def build_optimizer(
     optimizer_type: str,
     param_groups: list[dict],
@@ -227,17 +248,7 @@ def build_optimizer(
     Schedule-free optimizers come back in train mode; Adafactor with ``relative_step`` (default True, as in
     sd-scripts) needs the ``adafactor`` scheduler, which :func:`required_scheduler` reports.
     """
-    key, cls = _optimizer_class(resolve_optimizer_name(optimizer_type, False, False))
-    groups = [dict(group) for group in param_groups]
-    kwargs = dict(optimizer_args or {})
-    lr = _prepare_kwargs(key, groups, learning_rate, kwargs)
-    try:
-        optimizer = cls(groups, lr=lr, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"--optimizer_args {kwargs} do not suit {cls.__module__}.{cls.__name__}: {exc}; fix or remove them",
-            key="--optimizer_args",
-        ) from exc
+    optimizer, cls, kwargs = _construct(optimizer_type, param_groups, learning_rate, optimizer_args)
     optimizer_train_mode(optimizer)
     args_text = ",".join(f"{k}={v}" for k, v in kwargs.items())
     description = f"{cls.__module__}.{cls.__name__}" + (f"({args_text})" if args_text else "")

@@ -233,7 +233,8 @@ def smallest_checkpoint_blocks_that_fit(w: Workload, available: int) -> int | No
     p = w.params
     swapped = sum(swap_split(w.blocks_to_swap)) if w.blocks_to_swap else 0
     for n in range(swapped, p.depth + p.depth_single_blocks + 1):
-        if estimate(_replace(w, gradient_checkpointing=True, checkpoint_blocks=n)).device_peak <= available:
+        plan = estimate(_replace(w, gradient_checkpointing=True, checkpoint_blocks=n))
+        if plan.training_peak <= available:  # checkpointing only helps training
             return n
     return None
 

@@ -118,6 +118,16 @@ def check_resume_dir(resume: Path | None) -> None:
                           path=resume, key="--resume")
 
 
+def check_training_flags(cfg: TrainConfig) -> None:
+    """--network_args and the optimizer (name, package, --optimizer_args), parsed as training will parse them."""
+    from fluxlora.network.args import parse_network_args
+    from fluxlora.training.optim import check_optimizer, parse_optimizer_args
+
+    parse_network_args(list(cfg.network.network_args), network_dropout=cfg.network.network_dropout)
+    check_optimizer(cfg.optim.optimizer_type, learning_rate=cfg.optim.learning_rate,
+                    optimizer_args=parse_optimizer_args(list(cfg.optim.optimizer_args)))
+
+
 def run_preflight(cfg: TrainConfig) -> Preflight:
     """All checks that need no weights, in the order a user would fix them."""
     info = check_model_files(cfg)
@@ -125,6 +135,7 @@ def run_preflight(cfg: TrainConfig) -> Preflight:
     check_checkpoint_blocks(cfg, info)
     t5_len = t5_max_length_for(info.variant, cfg.flow.t5xxl_max_token_length)
     check_network_weights(cfg, info)
+    check_training_flags(cfg)
     check_output_dir(cfg.saving.output_dir)
     check_resume_dir(cfg.saving.resume)
     blueprint = load_blueprint(cfg)

@@ -145,6 +145,8 @@ CASES: list[tuple[str, Callable[[Case], list[str]], type, tuple[str, ...]]] = [
      ("--resume", "sd-scripts-state", "COMPLETE")),
     ("resume-missing", lambda c: c.argv(f"--resume={c.tmp / 'no-state'}"), ConfigError, ("--resume", "no-state")),
     ("unknown-optimizer", lambda c: c.argv("--optimizer_type=AdamWW"), ConfigError, ("AdamWW",)),
+    ("optimizer-args-the-class-refuses", lambda c: c.argv("--optimizer_args", "betass=(0.9,0.99)"), ConfigError,
+     ("--optimizer_args", "betass", "AdamW")),
     ("config-file-unknown-key", lambda c: (lambda p: (p.write_text("learning_rat = 1e-4\n"), c.argv(
         f"--config_file={p}"))[1])(c.tmp / "args.toml"), ConfigError, ("learning_rat", "args.toml")),
 ]
@@ -152,13 +154,13 @@ CASES: list[tuple[str, Callable[[Case], list[str]], type, tuple[str, ...]]] = [
 
 @pytest.mark.parametrize(("build", "error", "fragments"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_early_error(argv_for, tmp_path, tiny_ckpts, monkeypatch, build, error, fragments):
-    import fluxlora.training.components as components
+    import fluxlora.training.setup as setup
 
     case = Case(argv_for, tmp_path, tiny_ckpts)
     argv = build(case)
     loaded: list[str] = []
-    real_load_models = components.load_models
-    monkeypatch.setattr(components, "load_models", lambda *a, **k: loaded.append("models") or real_load_models(*a, **k))
+    real_load_models = setup.load_models  # the name build_run calls
+    monkeypatch.setattr(setup, "load_models", lambda *a, **k: loaded.append("models") or real_load_models(*a, **k))
     with pytest.raises(error) as info:
         train(argv)
     message = str(info.value)
