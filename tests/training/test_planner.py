@@ -173,3 +173,13 @@ def test_a_caching_phase_that_does_not_fit_gets_its_own_advice():
     advice = fits_advice(w, int(8 * GB))
     assert advice is not None and "--text_encoder_batch_size" in advice
     assert fits_advice(w, int(12 * GB)) is None
+
+
+def test_cpu_only_peak_is_the_larger_phase_plus_the_runtime_not_the_files_twice(train_argv, capsys):
+    plan = estimate(_workload(train_argv("--cache_text_encoder_outputs", "--cache_latents")))
+    assert plan.caching and plan.host["model files read"] > 0
+    # the files become the weights as they are read (memory-mapped), so on a CPU they are not added to the weights
+    assert plan.cpu_peak == plan.device_peak + plan.host["runtime"] + plan.host["swapped blocks (pinned)"]
+    assert plan.cpu_peak < plan.device_peak + plan.host_peak
+    assert check_main(train_argv("--cache_text_encoder_outputs", "--cache_latents")) == 0
+    assert f"peak ≈ {plan.cpu_peak / GB:.2f} GB" in capsys.readouterr().out
