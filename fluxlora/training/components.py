@@ -170,7 +170,7 @@ def _load_flux(cfg: TrainConfig, precision: Precision, device: torch.device,
     swapper = place_flux(flux, device, blocks_to_swap)
     flux.requires_checkpointing = swapper is not None
     flux.checkpointed = checkpointed_positions(info.params.depth, info.params.depth_single_blocks, checkpoint_blocks,
-                                               swapper.swapped_positions() if swapper else ())
+                                               swapper.swapped_positions if swapper else ())
     if cfg.memory.torch_compile:
         from fluxlora.training.compile import compile_blocks
 
