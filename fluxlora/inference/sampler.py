@@ -4,7 +4,7 @@
   then moved to the device. (sd-scripts draws on the device; a CPU draw gives the same image for a seed on every
   machine.)
 - Schedule: `t_j = linspace(1, 0, steps + 1)`; for dev shifted by `e^μ / (e^μ + 1/t − 1)` with μ on the flux_shift
-  line of the packed token count (`fluxlora.training.flow`); schnell is not shifted (spec §12.28: sd-scripts' training
+  line of the packed token count (`fluxlora.flow`); schnell is not shifted (spec §12.28: sd-scripts' training
   sampler shifts schnell too, its inference script does not).
 - Euler: `x ← x + (t_next − t_cur) · v(x, t_cur)`, latents and σ in fp32 whatever the compute dtype (spec §12.2).
 - dev gets the embedded guidance value; true CFG (`cfg_scale ≠ 1`, for de-distilled bases) runs the batch
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from fluxlora.errors import ConfigError
 from fluxlora.files import atomic_write
 from fluxlora.inference.prompts import SamplePrompt
-from fluxlora.training.flow import flux_shift_mu, image_ids, text_ids, time_shift, unpack_latents
+from fluxlora.flow import flux_shift_mu, image_ids, text_ids, time_shift, unpack_latents
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fluxlora.config.train_config import FlowSettings
-from fluxlora.training import flow
+from fluxlora import flow
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fluxlora.training import flow
+from fluxlora import flow
 from fluxlora.training.step import Conditioning, StepOutput, step_generator
 
 VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)

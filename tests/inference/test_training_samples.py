@@ -25,7 +25,7 @@ from fluxlora.inference.training_samples import (
 )
 from fluxlora.models.flux_loading import load_flux
 from fluxlora.network.lora import create_network
-from fluxlora.training.flow import image_ids, text_ids
+from fluxlora.flow import image_ids, text_ids
 
 NOW = datetime(2025, 3, 4, 5, 6, 7)
 PROMPTS = [SamplePrompt("a cat", width=32, height=32, seed=1, steps=2),

@@ -9,7 +9,7 @@ import torch
 from fluxlora.models.flux import FluxParams, axes_dim_for, checkpointed_positions
 from fluxlora.models.tiny import random_flux
 from fluxlora.network.lora import create_network
-from fluxlora.training import flow
+from fluxlora import flow
 from fluxlora.training.memory import BlockSwapper, flux_block_sequence, swapped_positions
 
 PARAMS = FluxParams(in_channels=64, vec_in_dim=24, context_in_dim=20, hidden_size=32, num_heads=2, depth=3,

@@ -11,7 +11,7 @@ from fluxlora.errors import ConfigError
 from fluxlora.models.flux import FluxParams, axes_dim_for
 from fluxlora.models.tiny import random_flux
 from fluxlora.network.lora import create_network
-from fluxlora.training import flow
+from fluxlora import flow
 from fluxlora.training import step as step_module
 from fluxlora.training.memory import (
     BlockSwapper,

@@ -11,7 +11,7 @@ from fluxlora.errors import ConfigError
 from fluxlora.models.flux import Flux, FluxParams, axes_dim_for
 from fluxlora.models.tiny import random_flux
 from fluxlora.network.lora import create_network
-from fluxlora.training import flow
+from fluxlora import flow
 from fluxlora.training.cli import check_main
 from fluxlora.training.planner import (
     ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH,

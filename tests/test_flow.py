@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 
 from fluxlora.errors import ConfigError
-from fluxlora.training import flow
+from fluxlora import flow
 
 N = 20_000  # KS critical value at p=0.01 is ~0.0115 for this many samples
 P_MIN = 0.01
