@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from fluxlora.errors import FluxLoraError
+from fluxlora.errors import guarded
 
 # command -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,12 +37,7 @@ def _usage() -> str:
 def run_command(target: str, argv: list[str]) -> int:
     """Import `module:function` and call it with argv, turning fluxlora errors into exit code 2."""
     module_name, func_name = target.split(":")
-    try:
-        func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(argv) or 0)
-    except FluxLoraError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return int(getattr(err, "exit_code", 2))
+    return guarded(lambda: getattr(importlib.import_module(module_name), func_name)(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

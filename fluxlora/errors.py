@@ -5,6 +5,8 @@ Every message names the file, key or flag at fault and says what to do, on one l
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -35,3 +37,13 @@ class CacheError(FluxLoraError):
 
 class TrainingError(FluxLoraError):
     """Training cannot continue (non-finite losses, a failed save, an interrupted run)."""
+
+
+def guarded(command: Callable[[], int | None]) -> int:
+    """Run a command-line entry point: a FluxLoraError becomes its one-line message on stderr and its exit code (2,
+    or the error's own `exit_code`, e.g. 130 after SIGINT). The only place errors turn into exit codes."""
+    try:
+        return int(command() or 0)
+    except FluxLoraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return int(getattr(err, "exit_code", 2))

@@ -9,14 +9,19 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
 import torch
 
 from fluxlora.errors import FluxLoraError
-from fluxlora.training import faults
+
+WriteHook = Callable[[Path, IO], None]
+WRITE_HOOKS: list[WriteHook] = []
+"""Called by `atomic_write` as `hook(path, handle)` after the bytes are written to the temporary file, before the
+flush and rename. Empty in normal use; reliability tests add hooks that slow a write down or make it fail (a full
+disk) at that moment."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -46,7 +51,8 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
-            faults.on_write(path, handle)  # no-op unless FLUXLORA_FAULT is set (tests only)
+            for hook in WRITE_HOOKS:
+                hook(path, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -383,3 +383,16 @@ def reduce_loss(
     if sample_weights is not None:
         loss = loss * sample_weights.float()
     return loss.mean()
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+
+def flux_schedule(steps: int, image_seq_len: int, *, shift: bool) -> Tensor:
+    """The steps + 1 noise levels from 1 to 0 (float32), shifted by the flux_shift μ line when `shift`."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).float()
+    if shift:
+        t = time_shift(flux_shift_mu(image_seq_len), 1.0, t)
+    return t

@@ -92,11 +92,11 @@ def _flag(add, name: str, help_: str = "") -> None:
 
 def _model_args(parser: FluxArgumentParser) -> None:
     add = _adder(parser, parser.add_argument_group("model files (spec §1.1)"))
-    add("pretrained_model_name_or_path", type=str, help="FLUX.1 DiT: BFL safetensors file or diffusers folder [required]")
-    add("clip_l", type=str, help="CLIP-L text encoder safetensors [required]")
-    add("t5xxl", type=str, help="T5-XXL encoder safetensors (fp16/bf16/fp8 e4m3fn) [required]")
+    add("pretrained_model_name_or_path", type=str, help="the transformer: BFL safetensors file or diffusers folder [required]")
+    add("clip_l", type=str, help="CLIP-L text encoder safetensors [required by FLUX.1]")
+    add("t5xxl", type=str, help="T5-XXL encoder safetensors (fp16/bf16/fp8 e4m3fn) [required by FLUX.1]")
     add("ae", type=str, help="FLUX autoencoder safetensors [required]")
-    add("model_type", "flux", type=str, choices=["flux", "chroma"], help="model kind (only flux is supported)")
+    add("model_type", type=str, help="model family (flux, ...); default: detected from the transformer file's header")
     add("tokenizer_cache_dir", type=str, help="folder with offline tokenizer copies")
     _flag(add, "disable_mmap_load_safetensors", "read safetensors without memory mapping")
     add("controlnet_model_name_or_path", type=str, help="ControlNet (not used by LoRA training)")

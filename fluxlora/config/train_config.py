@@ -32,9 +32,10 @@ __all__ = ["TrainConfig", "parse_train_config", "check_caching_conflicts", "desc
 @dataclass(frozen=True)
 class ModelFiles:
     pretrained_model_name_or_path: Path
-    clip_l: Path
-    t5xxl: Path
+    clip_l: Path | None  # text-encoder files: which are required is the model family's (preflight checks)
+    t5xxl: Path | None
     ae: Path
+    model_type: str | None  # None: the family is detected from the transformer file's header
     tokenizer_cache_dir: Path | None
     disable_mmap_load_safetensors: bool
 

@@ -65,7 +65,6 @@ UNSUPPORTED: dict[str, str] = {
     "async_upload": _HUB,
     "dataset_class": "is not supported (custom dataset classes); describe the data with --dataset_config",
     "debug_dataset": "is not supported (sd-scripts' interactive dataset viewer); use --dry_run to check the dataset",
-    "model_type": "selects a model that is not supported: only FLUX.1 dev and schnell are",
 }
 
 # Accepted with a note: the guide's own command line uses --sdpa.

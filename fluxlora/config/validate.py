@@ -18,10 +18,8 @@ if TYPE_CHECKING:
 NETWORK_MODULES = ("networks.lora_flux", "fluxlora.network.lora")
 MAX_BLOCKS_TO_SWAP = 35  # FLUX: 17 of 19 double + 36 of 38 single blocks (spec §7.1)
 REQUIRED = {
-    "pretrained_model_name_or_path": "the FLUX.1 checkpoint",
-    "clip_l": "the CLIP-L safetensors",
-    "t5xxl": "the T5-XXL safetensors",
-    "ae": "the FLUX autoencoder safetensors",
+    "pretrained_model_name_or_path": "the transformer checkpoint",
+    "ae": "the autoencoder safetensors",
     "output_dir": "the folder for the LoRA files",
 }
 # flag -> what must exist: "file", "dir" or "any"

@@ -200,7 +200,8 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
     Keys: `captions` list[str], `image_paths` list[str], `loss_weights` float32 [B], `dop` bool [B];
     `images` [B,3,H,W] in [-1,1] or `latents` [B,16,h,w]; `alpha_masks` [B,1,H,W] (ones for samples without
-    a mask) or None; `text` {clip_pooled [B,768], t5_out [B,L,4096], t5_mask [B,L]} padded to the longest L.
+    a mask) or None; `text` the family's text outputs (FLUX.1: clip_pooled [B,768], t5_out [B,L,4096], t5_mask
+    [B,L]), sequences padded to the longest L.
     """
     batch: dict[str, Any] = {
         "captions": [s["caption"] for s in samples],
@@ -219,11 +220,9 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch["alpha_masks"] = None
     if "text" in samples[0]:
         texts = [s["text"] for s in samples]
-        batch["text"] = {
-            "clip_pooled": torch.stack([t["clip_pooled"] for t in texts]),
-            "t5_out": _pad_stack([t["t5_out"] for t in texts]),
-            "t5_mask": _pad_stack([t["t5_mask"] for t in texts]),
-        }
+        # the model family's text outputs: vectors [D] are stacked, sequences [L, D] and masks [L] padded
+        batch["text"] = {name: torch.stack([t[name] for t in texts]) if value.ndim == 1
+                         else _pad_stack([t[name] for t in texts]) for name, value in texts[0].items()}
     return batch
 
 

@@ -1,4 +1,5 @@
-"""Text-encoder output cache: CLIP pooled + T5 states per processed caption, in memory or on disk.
+"""Text-encoder output cache: a model family's text outputs (FLUX.1: CLIP pooled + T5 states and mask) per
+processed caption, in memory or on disk.
 
 Keyed by the caption the model will actually see (`captions.static_caption`: prefix/suffix and separators
 applied, fixing spec §12.9), the T5 length, the attention-mask flag and the encoders' fingerprints. Identical
@@ -10,7 +11,7 @@ second dataset with other caption options does not evict the first).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from fluxlora.errors import CacheError
 
 logger = logging.getLogger(__name__)
 
-OUTPUTS = ("clip_pooled", "t5_out", "t5_mask")
 _KEEP_OTHER = 8
+OutputKinds = Mapping[str, str]  # output name -> "vector" | "sequence" | "mask" (a family's `text_outputs`)
 
 
 @dataclass(frozen=True)
@@ -59,18 +60,19 @@ def text_key(caption: str, *, t5_max_length: int, apply_t5_attn_mask: bool, te_f
 class TextCache:
     """Lookups of cached encoder outputs by caption text."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
         self._entries: dict[str, dict[str, torch.Tensor] | tuple[Path, str]] = {}
 
     def get(self, caption: str) -> dict[str, torch.Tensor]:
-        """{'clip_pooled': [P], 't5_out': [L, D], 't5_mask': [L]} for a processed caption."""
+        """The outputs of a processed caption (FLUX.1: {'clip_pooled': [P], 't5_out': [L, D], 't5_mask': [L]})."""
         try:
             value = self._entries[caption]
         except KeyError:
             raise KeyError(f"no cached text-encoder outputs for caption {caption!r}; was it cached?") from None
         if isinstance(value, tuple):
             path, key = value
-            return {name: load_entry(path, f"{name}.{key}") for name in OUTPUTS}
+            return {name: load_entry(path, f"{name}.{key}") for name in self.names}
         return value
 
     def __contains__(self, caption: str) -> bool:
@@ -80,15 +82,23 @@ class TextCache:
         return len(self._entries)
 
 
-def _valid(tensors: dict[str, torch.Tensor], t5_max_length: int) -> bool:
-    pooled, t5_out, mask = (tensors.get(n) for n in OUTPUTS)
-    if pooled is None or t5_out is None or mask is None:
-        return False
-    return (
-        pooled.ndim == 1 and t5_out.ndim == 2 and t5_out.shape[0] == t5_max_length
-        and tuple(mask.shape) == (t5_max_length,)
-        and bool(torch.isfinite(pooled.float()).all()) and bool(torch.isfinite(t5_out.float()).all())
-    )
+def _shape_ok(kind: str, tensor: torch.Tensor, length: int) -> bool:
+    if kind == "vector":
+        return tensor.ndim == 1
+    if kind == "sequence":
+        return tensor.ndim == 2 and tensor.shape[0] == length
+    return tuple(tensor.shape) == (length,)
+
+
+def _valid(tensors: dict[str, torch.Tensor], kinds: OutputKinds, length: int) -> bool:
+    """Every output present, of its kind's shape at this text length, and finite."""
+    for name, kind in kinds.items():
+        tensor = tensors.get(name)
+        if tensor is None or not _shape_ok(kind, tensor, length):
+            return False
+        if kind != "mask" and not bool(torch.isfinite(tensor.float()).all()):
+            return False
+    return True
 
 
 def build_text_cache(
@@ -98,6 +108,7 @@ def build_text_cache(
     te_fingerprint: str | Sequence[str],
     t5_max_length: int,
     apply_t5_attn_mask: bool,
+    outputs: OutputKinds,
     batch_size: int = 1,
     to_disk: bool = False,
     cache_dir: Path | None = None,
@@ -108,8 +119,8 @@ def build_text_cache(
 ) -> tuple[TextCache, CacheStats]:
     """Encode every caption not already cached (exactly) and return the cache and what was done.
 
-    `encode(captions)` returns {'clip_pooled': [B,P], 't5_out': [B,L,D], 't5_mask': [B,L]} with
-    L = `t5_max_length`. Stats count entries: (image file, caption) pairs on disk, distinct captions in memory.
+    `encode(captions)` returns the `outputs` (name -> kind, the family's text outputs; FLUX.1: {'clip_pooled':
+    [B,P], 't5_out': [B,L,D], 't5_mask': [B,L]}) with L = `t5_max_length` (the text length). Stats count entries: (image file, caption) pairs on disk, distinct captions in memory.
     With `world_size > 1` (disk only) rank r handles the files whose index is r mod world_size.
     """
     if world_size > 1 and not to_disk:
@@ -124,7 +135,9 @@ def build_text_cache(
         return text_key(caption, t5_max_length=t5_max_length, apply_t5_attn_mask=apply_t5_attn_mask,
                         te_fingerprint=te_fingerprint)
 
-    stats, cache = CacheStats(), TextCache()
+    kinds = dict(outputs)
+    names = tuple(kinds)
+    stats, cache = CacheStats(), TextCache(names)
     by_file: dict[Path, list[TextItem]] = {}
     files: dict[Path, CacheFile] = {}
     needed: dict[Path, set[str]] = {}  # file -> captions it lacks
@@ -141,8 +154,8 @@ def build_text_cache(
                 logger.warning("text cache %s is unreadable (%s); rebuilding it", path, cf.error)
             for caption in dict.fromkeys(i.caption for i in file_items):
                 key = key_of(caption)
-                entry = {n: cf.tensors[f"{n}.{key}"] for n in OUTPUTS if f"{n}.{key}" in cf.tensors}
-                if not cf.corrupt and _valid(entry, t5_max_length):
+                entry = {n: cf.tensors[f"{n}.{key}"] for n in names if f"{n}.{key}" in cf.tensors}
+                if not cf.corrupt and _valid(entry, kinds, t5_max_length):
                     stats.hits += 1
                     continue
                 if cf.corrupt or entry:
@@ -156,33 +169,33 @@ def build_text_cache(
             to_encode[item.caption] = None
     stats.computed = sum(len(c) for c in needed.values()) if to_disk else len(to_encode)
 
-    outputs: dict[str, dict[str, torch.Tensor]] = {}
+    encoded: dict[str, dict[str, torch.Tensor]] = {}
     captions = list(to_encode)
     with tqdm(total=len(captions), desc="caching text encoder outputs", unit="caption", disable=not progress) as bar:
         for start in range(0, len(captions), batch_size):
             batch = captions[start : start + batch_size]
             with torch.no_grad():
                 result = encode(batch)
-            _check_batch(result, batch, t5_max_length, items)
+            _check_batch(result, batch, kinds, t5_max_length, items)
             for row, caption in enumerate(batch):
-                outputs[caption] = {n: result[n][row].detach().cpu().clone() for n in OUTPUTS}
+                encoded[caption] = {n: result[n][row].detach().cpu().clone() for n in names}
             bar.update(len(batch))
 
     for path, missing in needed.items():
-        _write(files[path], {key_of(c): (c, outputs[c]) for c in missing}, settings)
+        _write(files[path], {key_of(c): (c, encoded[c]) for c in missing}, settings, names)
 
     for item in items:
         if item.caption in cache:
             continue
         if not to_disk:
-            cache._entries[item.caption] = outputs[item.caption]
+            cache._entries[item.caption] = encoded[item.caption]
             continue
         path = cache_file_path(Path(item.path), TEXT_SUFFIX, cache_dir=cache_dir, root=item.root)
         key = key_of(item.caption)
-        if keep_in_memory and item.caption in outputs:
-            cache._entries[item.caption] = outputs[item.caption]
-        elif keep_in_memory and path in files and f"t5_out.{key}" in files[path].tensors:
-            cache._entries[item.caption] = {n: files[path].tensors[f"{n}.{key}"] for n in OUTPUTS}
+        if keep_in_memory and item.caption in encoded:
+            cache._entries[item.caption] = encoded[item.caption]
+        elif keep_in_memory and path in files and f"{names[0]}.{key}" in files[path].tensors:
+            cache._entries[item.caption] = {n: files[path].tensors[f"{n}.{key}"] for n in names}
         else:
             cache._entries[item.caption] = (path, key)
     logger.info(
@@ -192,21 +205,19 @@ def build_text_cache(
     return cache, stats
 
 
-def _check_batch(result: dict[str, torch.Tensor], batch: list[str], t5_max_length: int,
+def _check_batch(result: dict[str, torch.Tensor], batch: list[str], kinds: OutputKinds, length: int,
                  items: Sequence[TextItem]) -> None:
-    missing = [n for n in OUTPUTS if n not in result]
+    missing = [n for n in kinds if n not in result]
     if missing:
         raise CacheError(f"text encoder returned no {', '.join(missing)}")
     size = len(batch)
-    t5_out, mask, pooled = result["t5_out"], result["t5_mask"], result["clip_pooled"]
-    if (pooled.ndim != 2 or pooled.shape[0] != size or t5_out.ndim != 3
-            or tuple(t5_out.shape[:2]) != (size, t5_max_length) or tuple(mask.shape) != (size, t5_max_length)):
-        raise CacheError(
-            f"text encoder returned shapes clip_pooled {tuple(pooled.shape)}, t5_out {tuple(t5_out.shape)}, "
-            f"t5_mask {tuple(mask.shape)} for {size} captions at t5 length {t5_max_length}"
-        )
+    for name, kind in kinds.items():
+        tensor = result[name]
+        if tensor.shape[0] != size or not _shape_ok(kind, tensor[0], length):
+            raise CacheError(f"text encoder returned {name} of shape {tuple(tensor.shape)} for {size} captions at "
+                             f"text length {length}")
     for row, caption in enumerate(batch):
-        if not (bool(torch.isfinite(pooled[row].float()).all()) and bool(torch.isfinite(t5_out[row].float()).all())):
+        if not all(bool(torch.isfinite(result[n][row].float()).all()) for n, k in kinds.items() if k != "mask"):
             where = next((str(i.path) for i in items if i.caption == caption), "?")
             raise CacheError(
                 f"{where}: text encoders produced NaN/inf for caption {caption!r}; check the encoder precision",
@@ -214,7 +225,8 @@ def _check_batch(result: dict[str, torch.Tensor], batch: list[str], t5_max_lengt
             )
 
 
-def _write(cf: CacheFile, new: dict[str, tuple[str, dict[str, torch.Tensor]]], settings: dict) -> None:
+def _write(cf: CacheFile, new: dict[str, tuple[str, dict[str, torch.Tensor]]], settings: dict,
+           names: Sequence[str]) -> None:
     """Rewrite one file with the new entries plus up to `_KEEP_OTHER` earlier captions of the same settings."""
     tensors: dict[str, torch.Tensor] = {}
     info: dict[str, dict] = {}
@@ -222,13 +234,13 @@ def _write(cf: CacheFile, new: dict[str, tuple[str, dict[str, torch.Tensor]]], s
     for key, meta in cf.info.items():
         if key in new or kept >= _KEEP_OTHER or {k: meta.get(k) for k in settings} != settings:
             continue
-        names = [f"{n}.{key}" for n in OUTPUTS]
-        if all(name in cf.tensors for name in names):
-            tensors.update({name: cf.tensors[name] for name in names})
+        entry = [f"{n}.{key}" for n in names]
+        if all(name in cf.tensors for name in entry):
+            tensors.update({name: cf.tensors[name] for name in entry})
             info[key] = meta
             kept += 1
     for key, (caption, outputs) in new.items():
-        tensors.update({f"{n}.{key}": outputs[n] for n in OUTPUTS})
+        tensors.update({f"{n}.{key}": outputs[n] for n in names})
         info[key] = {"caption": caption, **settings}
     write_cache_file(cf.path, tensors, info)
     cf.tensors, cf.info = tensors, info

@@ -13,6 +13,7 @@ prompt file (the flags are its defaults) under one progress bar; `--interactive`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import time
@@ -38,7 +39,6 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2, "float8_e5m2": torch.float8_e5m2,
 }
-DEFAULT_STEPS = {"dev": 50, "schnell": 4}
 
 
 # ---------------------------------------------------------------------------------------- flags
@@ -46,9 +46,8 @@ DEFAULT_STEPS = {"dev": 50, "schnell": 4}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flux_minimal_inference.py", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt_path", type=str, required=True, help="FLUX.1 dev or schnell transformer (BFL or diffusers)")
-    p.add_argument("--model_type", type=str, default="flux", choices=["flux", "chroma"],
-                   help="flux (chroma is not supported)")
+    p.add_argument("--ckpt_path", type=str, required=True, help="the transformer (BFL or diffusers layout)")
+    p.add_argument("--model_type", type=str, help="model family (flux, ...); default: detected from the file")
     p.add_argument("--clip_l", type=str, help="CLIP-L text encoder (clip_l.safetensors)")
     p.add_argument("--t5xxl", type=str, help="T5-XXL text encoder (t5xxl_fp16.safetensors or fp8)")
     p.add_argument("--ae", type=str, help="autoencoder (ae.safetensors)")
@@ -138,18 +137,21 @@ class Generator:
     """The loaded models and settings of one `generate` run."""
 
     def __init__(self, args: argparse.Namespace):
-        from fluxlora.models.autoencoder import load_ae
-        from fluxlora.models.flux_loading import inspect_flux, load_flux
-        from fluxlora.models.text_encoders import encode_prompts, load_clip_l, load_t5xxl
-        from fluxlora.models.tokenizers import load_tokenizers, t5_max_length_for
+        from fluxlora.families import resolve_family
+        from fluxlora.models.checkpoints import read_header, require_kind
 
-        if args.model_type != "flux":
-            raise ConfigError(f"--model_type {args.model_type}: only FLUX.1 (flux) is supported", key="--model_type")
-        for flag in ("clip_l", "t5xxl", "ae"):
-            if not getattr(args, flag):
-                raise ConfigError(f"--{flag} is required: pass the {flag}.safetensors file", key=f"--{flag}")
-        info = inspect_flux(args.ckpt_path, flag="--ckpt_path")
-        self.variant = info.variant
+        self.family, self.info = resolve_family(Path(args.ckpt_path), args.model_type, flag="--ckpt_path")
+        family = self.family
+        files = {}
+        for e in family.encoders:
+            path = getattr(args, e.component, None)
+            if not path:
+                raise ConfigError(f"{e.flag} is required for {family.name} models: pass its safetensors file",
+                                  key=e.flag)
+            require_kind(read_header(path, flag=e.flag), e.kind, flag=e.flag)
+            files[e.component] = Path(path)
+        if not args.ae:
+            raise ConfigError("--ae is required: pass the autoencoder safetensors file", key="--ae")
         base = parse_dtype(args.dtype, "--dtype")
         dtypes = {n: parse_dtype(getattr(args, f"{n}_dtype"), f"--{n}_dtype") if getattr(args, f"{n}_dtype") else base
                   for n in ("clip_l", "t5xxl", "ae", "flux")}
@@ -159,41 +161,42 @@ class Generator:
         self.offload = args.offload
         load_device = "cpu" if args.offload else self.device
 
-        self.flux, _ = load_flux(args.ckpt_path, dtype=self.compute_dtype, device=load_device, flag="--ckpt_path")
-        self.flux.eval().requires_grad_(False)
-        self.clip = load_clip_l(args.clip_l, dtype=dtypes["clip_l"], device=load_device)
-        self.t5 = load_t5xxl(args.t5xxl, dtype=dtypes["t5xxl"], device=load_device)
-        self.ae = load_ae(args.ae, dtype=dtypes["ae"], device=load_device)
-        self.tokenizers = load_tokenizers(args.tokenizer_cache_dir)
-        t5_length = t5_max_length_for(self.variant)
+        self.model = family.load_transformer(self.info, dtype=self.compute_dtype, device=load_device)
+        self.model.eval().requires_grad_(False)
+        self.text = family.load_text_encoders(
+            files, dtype={c: dtypes.get(c, base) for c in files}, keep_fp8=any(dtypes.get(c) in FP8 for c in files),
+            device=load_device, tokenizer_dir=Path(args.tokenizer_cache_dir) if args.tokenizer_cache_dir else None,
+            max_length=family.text_length(self.info, None), mask_padding=args.apply_t5_attn_mask,
+            autocast=contextlib.nullcontext)
+        self.ae = family.load_autoencoder(Path(args.ae), dtype=dtypes["ae"], device=load_device)
 
         self.merged = args.merge_lora_weights
-        self.networks = [read_lora_network(path, mult, self.flux, [self.clip, self.t5])
+        text_modules = [self.text.modules.get("clip_l"), self.text.modules.get("t5xxl")]
+        self.networks = [read_lora_network(path, mult, self.model, text_modules)
                          for path, mult in map(parse_lora_spec, args.lora_weights)]
         if self.merged:
             for network in self.networks:
                 network.merge_into_base()  # before any fp8 storage, so the sum is taken in the compute dtype
         if self.flux_fp8 is not None:
-            logger.info("FLUX: %d Linear weights stored as %s", store_linears_in_fp8(self.flux, dtype=self.flux_fp8),
-                        self.flux_fp8)
+            logger.info("transformer: %d Linear weights stored as %s",
+                        store_linears_in_fp8(self.model, dtype=self.flux_fp8), self.flux_fp8)
         if not self.merged:
             for network in self.networks:
                 network.to(self.device)
                 network.apply_to()
 
-        def encode(texts: list[str]) -> dict[str, torch.Tensor]:
-            tokens = self.tokenizers.tokenize(list(texts), t5_length)
-            out = encode_prompts(self.clip, self.t5, tokens, apply_t5_attn_mask=args.apply_t5_attn_mask)
-            return {"clip_pooled": out["clip_pooled"].float(), "t5_out": out["t5_out"].float(),
-                    "t5_mask": out["t5_mask"]}
-
-        self.encode_fn: EncodeFn = encode
+        self.encode_fn: EncodeFn = lambda texts: self.text.encode(list(texts))  # noqa: E731
         self.apply_t5_attn_mask = args.apply_t5_attn_mask
         self.extra_info = {"model": Path(args.ckpt_path).name,
                            "loras": ", ".join(args.lora_weights) if args.lora_weights else ""}
 
+    @property
+    def variant(self) -> str:
+        return self.info.variant
+
     def _stage(self, name: str) -> None:
-        groups = {"encode": [self.clip, self.t5], "denoise": [self.flux], "decode": [self.ae]}
+        groups = {"encode": [m for m in self.text.modules.values() if m is not None], "denoise": [self.model],
+                  "decode": [self.ae]}
         for stage, modules in groups.items():
             for module in modules:
                 module.to(self.device if stage == name else "cpu")
@@ -210,8 +213,8 @@ class Generator:
 
     def run(self, prompts: Sequence[SamplePrompt], output_dir: Path) -> list[Path]:
         images = generate_images(
-            self.flux, self.ae, self.encode_fn, prompts, variant=self.variant, device=self.device,
-            dtype=self.compute_dtype, apply_t5_attn_mask=self.apply_t5_attn_mask, progress=True,
+            self.family, self.info, self.model, self.ae, self.encode_fn, prompts, device=self.device,
+            dtype=self.compute_dtype, mask_text=self.apply_t5_attn_mask, progress=True,
             on_stage=self._stage if self.offload else None, extra_info=self.extra_info)
         stamp = time.strftime("%Y%m%d_%H%M%S")
         paths = []
@@ -298,7 +301,7 @@ def main(argv: Sequence[str]) -> int:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     generator = Generator(args)
-    steps = args.steps if args.steps is not None else DEFAULT_STEPS[generator.variant]
+    steps = args.steps if args.steps is not None else generator.family.default_sample_steps(generator.info)
     if steps < 1:
         raise ConfigError(f"--steps {steps}: must be at least 1", key="--steps")
     base = SamplePrompt(prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height,

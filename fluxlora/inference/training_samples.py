@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from fluxlora.families.base import ModelFamily, ModelInfo
 from fluxlora.inference.prompts import SamplePrompt
 from fluxlora.inference.sampler import EncodeFn, encode_texts, generate_images, save_png
 
@@ -202,14 +203,14 @@ class EncodedPrompts:
     that free them after caching (sd-scripts does the same). `encode` looks the texts up instead of running them."""
 
     prompts: tuple[SamplePrompt, ...]
-    conds: Mapping[str, Mapping[str, torch.Tensor]]  # text -> {clip_pooled [1, D], t5_out [1, T, C], t5_mask [1, T]}
+    conds: Mapping[str, Mapping[str, torch.Tensor]]  # text -> its conditioning (batch 1)
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """An `EncodeFn` over the stored conditioning (the same tensors the encoders gave)."""
         missing = [t for t in texts if t not in self.conds]
         if missing:
             raise KeyError(f"sample text {missing[0][:40]!r} was not encoded before the text encoders were freed")
-        return {k: torch.cat([self.conds[t][k] for t in texts]) for k in ("clip_pooled", "t5_out", "t5_mask")}
+        return {k: torch.cat([self.conds[t][k] for t in texts]) for k in self.conds[texts[0]]}
 
 
 def encode_sample_prompts(prompts: Sequence[SamplePrompt], encode_fn: EncodeFn, *, process_index: int = 0,
@@ -230,7 +231,9 @@ def encode_sample_prompts(prompts: Sequence[SamplePrompt], encode_fn: EncodeFn, 
 
 def sample_during_training(
     *,
-    flux: nn.Module,
+    family: ModelFamily,
+    info: ModelInfo,
+    model: nn.Module,
     ae: nn.Module,
     encode_fn: EncodeFn,
     prompts: Sequence[SamplePrompt],
@@ -238,10 +241,9 @@ def sample_during_training(
     output_name: str | None,
     step: int,
     epoch: int | None,
-    variant: str,
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
-    apply_t5_attn_mask: bool = False,
+    mask_text: bool = False,
     modules: Sequence[nn.Module | None] = (),
     tracker: ImageLogger | None = None,
     process_index: int = 0,
@@ -254,7 +256,7 @@ def sample_during_training(
     """Generate the sample images of one event, write them and the grid, log them; return the written paths.
 
     `epoch` is the finished epoch (or 0 before training) for epoch-named files, None for step-named ones. `modules`
-    are the other modules to keep in eval mode while sampling (the LoRA network, text encoders); flux and ae always
+    are the other modules to keep in eval mode while sampling (the LoRA network, text encoders); model and ae always
     are. With several processes, prompt i goes to process i mod num_processes (the grid holds this process's
     share; `_grid.png` becomes `_grid_rank{r}.png`). Training state — RNGs, train/eval flags, autograd — is untouched.
     """
@@ -265,9 +267,9 @@ def sample_during_training(
     images: list[Image.Image] = []
     if mine:
         logger.info("sampling %d image(s) at %s", len(mine), f"epoch {epoch}" if epoch is not None else f"step {step}")
-        with preserved_rng_state(), eval_mode([flux, ae, *modules]), torch.no_grad():
-            images = generate_images(flux, ae, encode_fn, [p for _, p in mine], variant=variant, device=device,
-                                     dtype=dtype, apply_t5_attn_mask=apply_t5_attn_mask, progress=progress,
+        with preserved_rng_state(), eval_mode([model, ae, *modules]), torch.no_grad():
+            images = generate_images(family, info, model, ae, encode_fn, [p for _, p in mine], device=device,
+                                     dtype=dtype, mask_text=mask_text, progress=progress,
                                      on_stage=on_stage, extra_info={"step": str(step), "epoch": str(epoch)})
     if gather is not None and num_processes > 1:
         # Every process generated its share; the main process alone writes all files (one set of outputs).

@@ -10,13 +10,12 @@ other than 128 (nothing extra is stored in a file): the (16, 56, 56) split of 12
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from fluxlora.errors import CheckpointError
 from fluxlora.models.flux_layers import (
@@ -139,7 +138,8 @@ class FluxParams:
 
 
 class Flux(nn.Module):
-    """Transformer model for flow matching on sequences (BFL `Flux`), with optional per-block checkpointing."""
+    """Transformer model for flow matching on sequences (BFL `Flux`). Training policy (checkpointing, offload, block
+    swap, compile) wraps its blocks from `fluxlora.training`; the model itself is plain."""
 
     def __init__(self, params: FluxParams):
         super().__init__()
@@ -148,14 +148,6 @@ class Flux(nn.Module):
         self.out_channels = params.in_channels
         self.hidden_size = params.hidden_size
         self.num_heads = params.num_heads
-        self.gradient_checkpointing: bool = False
-        # Block inputs of checkpointed blocks kept in host memory (sd-scripts --cpu_offload_checkpointing).
-        self.cpu_offload_checkpointing: bool = False
-        # Set by block swap: its weights are only resident while a block runs, so backward must recompute.
-        self.requires_checkpointing: bool = False
-        # Execution-order positions (double blocks, then single blocks) of the checkpointed blocks; None = every
-        # block (sd-scripts). Fewer checkpointed blocks trade memory for speed (`checkpointed_positions`).
-        self.checkpointed: frozenset[int] | None = None
         self.pe_embedder = EmbedND(dim=params.head_dim, theta=params.theta, axes_dim=list(params.axes_dim))
         self.img_in = nn.Linear(self.in_channels, self.hidden_size, bias=True)
         self.time_in = MLPEmbedder(in_dim=256, hidden_dim=self.hidden_size)
@@ -176,26 +168,6 @@ class Flux(nn.Module):
     @property
     def variant(self) -> str:
         return self.params.variant
-
-    def _run(self, pos: int, block: nn.Module, *args: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
-        # Non-reentrant checkpointing only when it can save memory: training with autograd on.
-        if not (self.training and torch.is_grad_enabled()):
-            return block(*args)
-        if not self.gradient_checkpointing:
-            if self.requires_checkpointing:
-                raise RuntimeError("block swap streams weights in and out while blocks run, so the backward pass "
-                                   "must recompute them: enable gradient checkpointing (--gradient_checkpointing)")
-            return block(*args)
-        n = 2 if isinstance(block, DoubleStreamBlock) else 1  # img/txt (or the joint sequence) lead the arguments
-        if self.checkpointed is not None and pos not in self.checkpointed:
-            if self.cpu_offload_checkpointing:  # the stream lives on the host between checkpointed blocks
-                device = self.img_in.weight.device
-                args = (*(a.to(device) for a in args[:n]), *args[n:])
-            return block(*args)
-        if self.cpu_offload_checkpointing:
-            args = (*(a.cpu() for a in args[:n]), *args[n:])  # kept by checkpoint: keep them in host memory
-            return checkpoint(_offloaded, block, self.img_in.weight.device, *args, use_reentrant=False)
-        return checkpoint(block, *args, use_reentrant=False)
 
     def forward(
         self,
@@ -236,44 +208,11 @@ class Flux(nn.Module):
             keys = torch.cat([txt_mask.bool(), txt_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)
             attn_mask = keys[:, None, None, :]  # [B, 1, 1, L + N], broadcast over heads and queries
 
-        if self.cpu_offload_checkpointing and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            img, txt = img.cpu(), txt.cpu()  # checkpoint keeps each block's inputs: keep them in host memory
-        for pos, block in enumerate(self.double_blocks):
-            img, txt = self._run(pos, block, img, txt, vec, pe, attn_mask)
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, pe, attn_mask)
 
         img = torch.cat((txt, img), dim=1)
-        for pos, block in enumerate(self.single_blocks, start=len(self.double_blocks)):
-            img = self._run(pos, block, img, vec, pe, attn_mask)
-        img = img[:, txt.shape[1] :, ...].to(vec.device)  # back from the host with --cpu_offload_checkpointing
+        for block in self.single_blocks:
+            img = block(img, vec, pe, attn_mask)
+        img = img[:, txt.shape[1] :, ...]
         return self.final_layer(img, vec)  # [B, N, in_channels]
-
-
-def checkpointed_positions(depth: int, depth_single: int, n: int | None,
-                           swapped: Sequence[int] = ()) -> frozenset[int] | None:
-    """Which of the `depth + depth_single` blocks (execution order: double, then single) to checkpoint so that `n`
-    are: the `swapped` ones (block swap needs their recompute), then the first others in execution order.
-
-    The first blocks run first in forward and last in backward, so by the time they are recomputed the blocks after
-    them have released their activations: a prefix keeps the peak at the start of backward. None = all blocks.
-    """
-    total = depth + depth_single
-    if n is None or n >= total:
-        return None
-    if n < 0:
-        raise ValueError(f"the number of checkpointed blocks must be at least 0, got {n}")
-    must = sorted(set(swapped))
-    if len(must) > n:
-        raise ValueError(f"{len(must)} swapped blocks must all be checkpointed, but only {n} are")
-    rest = [i for i in range(total) if i not in must]
-    return frozenset(must + rest[: n - len(must)])
-
-
-def _offloaded(block: nn.Module, device: torch.device, *args: Tensor | None) -> Tensor | tuple[Tensor, ...]:
-    """Run `block` on `device` with the activations (img/txt, the first inputs) arriving from and returned to the
-    host, so the tensors checkpointing keeps between blocks live in host memory."""
-    n = 2 if isinstance(block, DoubleStreamBlock) else 1
-    inputs = [a.to(device, non_blocking=True) for a in args[:n]]
-    out = block(*inputs, *args[n:])
-    if isinstance(out, tuple):
-        return tuple(o.to("cpu") for o in out)
-    return out.to("cpu")

@@ -92,9 +92,12 @@ def effective_dim_alpha(network_dim: int | None, network_alpha: float | None) ->
 
 def modelspec(info: Mapping[str, Any], *, now: datetime | None = None) -> dict[str, str]:
     """ModelSpec 1.0.1 keys for a FLUX LoRA (`modelspec.architecture` flux-1-dev/lora or flux-1-schnell/lora)."""
-    variant = info.get("model_variant") or "dev"
-    if variant not in ARCHITECTURES:
-        raise ValueError(f"model_variant must be one of {sorted(ARCHITECTURES)}, got {variant!r}")
+    strings = info.get("family_metadata")  # the model family's strings (`ModelFamily.lora_metadata`)
+    if not strings:
+        variant = info.get("model_variant") or "dev"
+        if variant not in ARCHITECTURES:
+            raise ValueError(f"model_variant must be one of {sorted(ARCHITECTURES)}, got {variant!r}")
+        strings = {"modelspec.architecture": ARCHITECTURES[variant], "modelspec.implementation": IMPLEMENTATIONS[variant]}
     now = now or datetime.now()
     resolution = info.get("resolution")
     if resolution is None:
@@ -110,8 +113,8 @@ def modelspec(info: Mapping[str, Any], *, now: datetime | None = None) -> dict[s
     title = info.get("metadata_title") or info.get("output_name") or f"LoRA@{int(now.timestamp())}"
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": ARCHITECTURES[variant],
-        "modelspec.implementation": IMPLEMENTATIONS[variant],
+        "modelspec.architecture": strings["modelspec.architecture"],
+        "modelspec.implementation": strings["modelspec.implementation"],
         "modelspec.title": str(title),
         "modelspec.resolution": reso,
         "modelspec.date": now.replace(microsecond=0).isoformat(),
@@ -141,7 +144,8 @@ def build_metadata(info: Mapping[str, Any], *, no_metadata: bool = False, now: d
     network_args = info.get("network_args")
     minimal = {
         "ss_v2": "False",
-        "ss_base_model_version": "chroma" if info.get("model_variant") == "chroma" else "flux1",
+        "ss_base_model_version": (info.get("family_metadata") or {}).get("ss_base_model_version")
+        or ("chroma" if info.get("model_variant") == "chroma" else "flux1"),
         "ss_network_module": str(info.get("network_module") or NETWORK_MODULE),
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(alpha),

@@ -1,18 +1,17 @@
-"""`fluxlora train | check | cache` and `flux_train_network.py`: flags -> config -> preflight -> run."""
+"""`fluxlora train | check | cache` and `flux_train_network.py`: flags → config → plan (preflight) → run."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from fluxlora.config.config_file import maybe_write_output_config
 from fluxlora.config.defaults import describe_differences
 from fluxlora.config.train_config import TrainConfig, parse_train_config
-from fluxlora.errors import FluxLoraError
+from fluxlora.errors import guarded
 from fluxlora.files import remove_stale_temp_files
-from fluxlora.training.preflight import Preflight, run_preflight
+from fluxlora.training.plan import RunPlan, build_plan
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +25,9 @@ def _configure_logging(cfg: TrainConfig) -> None:
     logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
 
 
-def prepare(argv: list[str], *, configure_logging: bool = False) -> tuple[TrainConfig, Preflight] | None:
-    """Parse and check everything that needs no weights; None when --output_config wrote a file."""
+def prepare(argv: list[str], *, configure_logging: bool = False) -> RunPlan | None:
+    """Parse and check everything that needs no weights and decide the run; None when --output_config wrote a
+    file."""
     written = maybe_write_output_config(argv)
     if written is not None:
         print(f"wrote {written}")
@@ -38,69 +38,61 @@ def prepare(argv: list[str], *, configure_logging: bool = False) -> tuple[TrainC
     block = describe_differences(cfg)
     if block:
         logger.info("%s", block)
-    pre = run_preflight(cfg)
-    for line in memory_plan_lines(cfg, pre):
+    plan = build_plan(cfg)
+    for line in plan.memory_lines():
         logger.info("%s", line)
-    return cfg, pre
+    return plan
 
 
-def memory_plan_lines(cfg: TrainConfig, pre: Preflight) -> list[str]:
-    """The memory planner's estimate for these settings on this machine (headers only)."""
-    from fluxlora.training.planner import plan_report
+def train(argv: list[str], *, configure_logging: bool = False, callbacks: Sequence = (), loss_hook=None):
+    """Run a whole training from command-line flags; returns the TrainResult (None for --output_config / --dry_run).
 
-    return plan_report(cfg, pre)
-
-
-def train(argv: list[str], *, configure_logging: bool = False, callbacks: Sequence[Callable[[Any, int], None]] = ()):
-    """Run a whole training from command-line flags; returns the TrainResult (None for --output_config).
-
-    `callbacks` are called as `callback(run, global_step)` after each optimizer step (`trainer.StepCallback`)."""
-    prepared = prepare(argv, configure_logging=configure_logging)
-    if prepared is None:
+    `callbacks` are called as `callback(run, global_step)` after each optimizer step (`trainer.StepCallback`);
+    `loss_hook(loss, attempt)` sees each micro-batch loss (`trainer.LossHook`)."""
+    plan = prepare(argv, configure_logging=configure_logging)
+    if plan is None:
         return None
-    cfg, pre = prepared
+    cfg = plan.cfg
     if cfg.training.dry_run:
-        print(f"--dry_run: checks passed; {pre.summary()}")
+        print(f"--dry_run: checks passed; {plan.summary()}")
         return None
     from fluxlora.training.setup import build_run
     from fluxlora.training.trainer import Trainer
 
-    run = build_run(cfg, pre)  # errors found while loading (e.g. a LoRA that does not fit) leave no output folder
+    run = build_run(plan)  # errors found while loading (e.g. a LoRA that does not fit) leave no output folder
     cfg.saving.output_dir.mkdir(parents=True, exist_ok=True)
-    if run.is_main:
+    if run.processes.is_main:
         remove_stale_temp_files(cfg.saving.output_dir)  # leftovers of saves interrupted by a crash
-    result = Trainer(run, callbacks=callbacks).train()
+    result = Trainer(run, callbacks=callbacks, loss_hook=loss_hook).train()
     print(f"done: {result.global_step} steps; LoRA saved to {result.final_lora}")
     return result
 
 
 def main(argv: list[str]) -> int:
-    try:
+    def command() -> int:
         train(argv, configure_logging=True)
-    except FluxLoraError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return int(getattr(err, "exit_code", 2))
-    return 0
+        return 0
+
+    return guarded(command)
 
 
 def check_main(argv: list[str]) -> int:
-    """`fluxlora check <training flags>`: every check that needs no weights, then a summary."""
-    prepared = prepare(argv, configure_logging=True)
-    if prepared is not None:
-        print(f"ok: {prepared[1].summary()}")
-        for line in memory_plan_lines(*prepared):
+    """`fluxlora check <training flags>`: every check that needs no weights, then the plan's summary and memory."""
+    plan = prepare(argv, configure_logging=True)
+    if plan is not None:
+        print(f"ok: {plan.summary()}")
+        for line in plan.memory_lines():
             print(line)
     return 0
 
 
 def cache_main(argv: list[str]) -> int:
     """`fluxlora cache <training flags>`: fill the latent / text-encoder caches and stop."""
-    prepared = prepare(argv, configure_logging=True)
-    if prepared is None:
+    plan = prepare(argv, configure_logging=True)
+    if plan is None:
         return 0
-    cfg, pre = prepared
     from fluxlora.training.setup import build_run
 
-    build_run(cfg, pre)
+    build_run(plan)
     print("caches are ready")
     return 0

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
+
+from fluxlora.families.base import BlockLayout
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +27,12 @@ def _raise_recompile_limit(limit: int) -> None:
             setattr(config, name, limit)
 
 
-def compile_blocks(flux: nn.Module, *, backend: str = "inductor", mode: str | None = None, fullgraph: bool = False,
+def compile_blocks(layout: BlockLayout, *, backend: str = "inductor", mode: str | None = None, fullgraph: bool = False,
                    dynamic: bool = False) -> int:
     """Compile the `forward` of every double and single block in place; returns how many blocks."""
     _raise_recompile_limit(RECOMPILE_LIMIT)
     mode = None if mode in (None, "default") else mode
-    blocks = [*flux.double_blocks, *flux.single_blocks]
+    blocks = layout.sequence
     for block in blocks:
         # The instance attribute wins over the class method: `Module.__call__` (hooks) stays eager.
         block.forward = torch.compile(block.forward, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic)

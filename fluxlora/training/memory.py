@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fluxlora.errors import ConfigError
+from fluxlora.families.base import BlockLayout
 
 logger = logging.getLogger(__name__)
 
@@ -261,28 +262,25 @@ def move_except(module: nn.Module, device: torch.device | str, skip: set[int]) -
                 sub._buffers[name] = b.to(device)
 
 
-def flux_block_sequence(flux: nn.Module) -> list[nn.Module]:
-    """FLUX blocks in execution order: double blocks, then single blocks."""
-    return [*flux.double_blocks, *flux.single_blocks]
-
-
-def swapped_positions(flux: nn.Module, blocks_to_swap: int) -> list[int]:
+def swapped_positions_of(depth: int, depth_single: int, blocks_to_swap: int) -> list[int]:
     """Sequence positions of the last N//2 double and 2·(N − N//2) single blocks (sd-scripts' choice)."""
-    depth, depth_single = len(flux.double_blocks), len(flux.single_blocks)
     double, single = check_blocks_to_swap(blocks_to_swap, depth, depth_single)
     return [*range(depth - double, depth), *(depth + i for i in range(depth_single - single, depth_single))]
 
 
-def place_flux(flux: nn.Module, device: torch.device | str, blocks_to_swap: int = 0, *,
-               ring_size: int = DEFAULT_RING_SIZE) -> BlockSwapper | None:
-    """Put a (CPU-loaded) FLUX on `device`, with `blocks_to_swap` blocks streamed from host memory."""
+def swapped_positions(layout: BlockLayout, blocks_to_swap: int) -> list[int]:
+    return swapped_positions_of(len(layout.double), len(layout.single), blocks_to_swap)
+
+
+def place_model(model: nn.Module, layout: BlockLayout, device: torch.device | str, blocks_to_swap: int = 0, *,
+                ring_size: int = DEFAULT_RING_SIZE) -> BlockSwapper | None:
+    """Put a (CPU-loaded) transformer on `device`, with `blocks_to_swap` of its blocks streamed from host memory."""
     device = torch.device(device)
     if not blocks_to_swap:
-        flux.to(device)
+        model.to(device)
         return None
-    swapper = BlockSwapper(flux_block_sequence(flux), swapped_positions(flux, blocks_to_swap), device,
-                           ring_size=ring_size)
-    move_except(flux, device, swapper.swapped_parameters())
+    swapper = BlockSwapper(layout.sequence, swapped_positions(layout, blocks_to_swap), device, ring_size=ring_size)
+    move_except(model, device, swapper.swapped_parameters())
     logger.info("--blocks_to_swap %d: %d double + %d single blocks in %s host memory (%.2f GB), device ring %.2f GB",
                 blocks_to_swap, *swap_split(blocks_to_swap), "pinned" if swapper.cuda else "",
                 swapper.host_bytes() / 1e9, swapper.device_bytes() / 1e9)
@@ -293,7 +291,7 @@ def check_memory_flags(cfg, info) -> None:
     """Preflight: --blocks_to_swap within the model's real block counts, and with the checkpointing it needs."""
     swap = cfg.memory.blocks_to_swap
     if swap != "auto":
-        check_blocks_to_swap(int(swap), info.params.depth, info.params.depth_single_blocks)
+        check_blocks_to_swap(int(swap), info.double_blocks, info.single_blocks)
     if swap and not cfg.memory.gradient_checkpointing:
         raise ConfigError(f"--blocks_to_swap {swap} needs --gradient_checkpointing: swapped weights are on the device "
                           "only while their block runs, so backward must recompute the block; add "

@@ -1,4 +1,4 @@
-"""The facts written into every saved LoRA (spec §6.3), gathered from the config, the dataset and the run."""
+"""The facts written into every saved LoRA (spec §6.3), gathered from the plan and the run."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fluxlora.config.train_config import TrainConfig
 from fluxlora.network.saving import build_metadata
-from fluxlora.training.preflight import Preflight
+from fluxlora.training.plan import RunPlan
 
 
 @dataclass
@@ -19,20 +18,18 @@ class RunFacts:
     session_id: int = field(default_factory=lambda: int(time.time_ns() % 2**31))
     training_started_at: float = field(default_factory=time.time)
     optimizer: str = ""
-    num_epochs: int = 0
-    max_train_steps: int = 0
 
 
-def lora_metadata(cfg: TrainConfig, pre: Preflight, facts: RunFacts, *, steps: int, epoch: int,
-                  network_args: dict[str, str], finished: bool = False) -> dict[str, str]:
+def lora_metadata(plan: RunPlan, facts: RunFacts, *, steps: int, epoch: int, network_args: dict[str, str],
+                  finished: bool = False) -> dict[str, str]:
     """Metadata for a LoRA saved at `steps` optimizer steps during 1-based `epoch`."""
-    flat = cfg.flat()
-    data = pre.data
-    info: dict[str, Any] = {k: v for k, v in flat.items() if not k.startswith(("wandb_", "huggingface_"))}
+    cfg, data = plan.cfg, plan.data
+    info: dict[str, Any] = {k: v for k, v in cfg.flat().items() if not k.startswith(("wandb_", "huggingface_"))}
     info.update(
-        model_variant=pre.flux_info.variant,
+        model_variant=plan.model.variant,
+        family_metadata=plan.family.lora_metadata(plan.model),
         network_args=network_args or None,
-        max_train_steps=facts.max_train_steps,
+        max_train_steps=plan.schedule.max_train_steps,
         session_id=facts.session_id,
         training_started_at=facts.training_started_at,
         training_finished_at=time.time() if finished else None,
@@ -40,11 +37,11 @@ def lora_metadata(cfg: TrainConfig, pre: Preflight, facts: RunFacts, *, steps: i
         num_validation_images=data.num_validation_images,
         num_reg_images=data.num_reg_images,
         num_batches_per_epoch=data.num_batches_per_epoch,
-        num_epochs=facts.num_epochs,
+        num_epochs=plan.schedule.num_epochs,
         optimizer=facts.optimizer,
         steps=steps,
         epoch=epoch,
-        seed=pre.seed,
+        seed=plan.seed,
         sd_model_name=cfg.model.pretrained_model_name_or_path.name,
         resolution=cfg.dataset_flags.resolution,
         datasets=json.dumps(data.metadata()),

@@ -1,18 +1,17 @@
-"""Everything checked before a single weight is loaded: model file headers and kinds, the dataset (every
-image header and caption), caching conflicts, the output folder, the resume folder and the prompt file.
-
-`fluxlora check <flags>` runs this and stops; `train` runs it first, so a mistake costs seconds, not the
-minutes it takes to read 30 GB of weights.
+"""The checks run before a single weight is loaded: model file headers and kinds, the dataset (every image header
+and caption), caching conflicts, the training flags (network, optimizer, scheduler built over a dummy parameter),
+the output folder, the resume folder and the prompt file. Each raises a FluxLoraError naming what to fix;
+`fluxlora.training.plan.build_plan` runs them all and reports every problem at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fluxlora.config.dataset import (
     DatasetBlueprint,
@@ -22,59 +21,74 @@ from fluxlora.config.dataset import (
 )
 from fluxlora.config.train_config import TrainConfig, check_caching_conflicts, dataset_defaults_kwargs
 from fluxlora.data.datasets import TrainingData, build_training_data
-from fluxlora.errors import CheckpointError, ConfigError
-from fluxlora.models.checkpoints import ModelKind, read_header, require_kind
-from fluxlora.models.flux_loading import FluxInfo, inspect_flux
-from fluxlora.models.tokenizers import t5_max_length_for
+from fluxlora.errors import CheckpointError, ConfigError, FluxLoraError
+from fluxlora.families.base import ModelFamily, ModelInfo
+from fluxlora.models.checkpoints import SafetensorsHeader, read_header, require_kind
 from fluxlora.training.memory import check_memory_flags
-from fluxlora.training.planner import check_checkpoint_blocks
 from fluxlora.training.state import COMPLETE_MARKER
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Preflight:
-    """What preflight learned: the model variant, the T5 length, the dataset, the run seed."""
+class ParsedFlags:
+    """The free-form argument lists, parsed once (as training will use them)."""
 
-    flux_info: FluxInfo
-    t5_max_length: int
-    blueprint: DatasetBlueprint
-    data: TrainingData
-    seed: int
-
-    def summary(self) -> str:
-        d = self.data
-        return (f"FLUX.1-{self.flux_info.variant} ({self.flux_info.params.depth} double + "
-                f"{self.flux_info.params.depth_single_blocks} single blocks, {self.flux_info.file_dtype}); "
-                f"T5 length {self.t5_max_length}; {d.num_train_images} training images, {d.num_reg_images} "
-                f"regularisation, {d.num_validation_images} validation; {d.num_batches_per_epoch} batches per epoch; "
-                f"seed {self.seed}")
+    network_args: Any
+    optimizer_args: dict[str, object]
+    scheduler_args: dict[str, object]
 
 
-def check_model_files(cfg: TrainConfig) -> FluxInfo:
-    """Read the four model headers; each must be the kind of model its flag expects."""
-    m = cfg.model
-    info = inspect_flux(m.pretrained_model_name_or_path)
-    require_kind(read_header(m.clip_l, flag="--clip_l"), ModelKind.CLIP_L, flag="--clip_l")
-    require_kind(read_header(m.t5xxl, flag="--t5xxl"), ModelKind.T5XXL, flag="--t5xxl")
-    require_kind(read_header(m.ae, flag="--ae"), ModelKind.AE, flag="--ae")
-    return info
+def check_encoder_files(cfg: TrainConfig, family: ModelFamily) -> dict[str, SafetensorsHeader]:
+    """The text-encoder files the family needs and the AE: each given and of the kind its flag expects. Returns
+    their headers by component ("ae" for the autoencoder). Every missing or wrong file is reported."""
+    problems: list[FluxLoraError] = []
+    headers: dict[str, SafetensorsHeader] = {}
+    wanted = [(e.component, e.flag, e.kind) for e in family.encoders] + [("ae", "--ae", family.ae_kind)]
+    for component, flag, kind in wanted:
+        path = getattr(cfg.model, component)
+        if path is None:
+            problems.append(ConfigError(f"{flag} is required for {family.name} models: pass its safetensors file",
+                                        key=flag))
+            continue
+        try:
+            header = read_header(path, flag=flag)
+            require_kind(header, kind, flag=flag)
+            headers[component] = header
+        except FluxLoraError as err:
+            problems.append(err)
+    extra = [f"--{name}" for name in ("clip_l", "t5xxl")
+             if getattr(cfg.model, name) is not None and name not in {e.component for e in family.encoders}]
+    if extra:
+        logger.warning("%s: not used by %s models; ignored", ", ".join(extra), family.name)
+    if problems:
+        first = problems[0]
+        if len(problems) == 1:
+            raise first
+        raise type(first)("; ".join(str(p) for p in problems), path=first.path, key=first.key)
+    return headers
 
 
-def check_network_weights(cfg: TrainConfig, info: FluxInfo) -> None:
-    """`--network_weights` must be a readable safetensors LoRA made for the same FLUX variant as the base model."""
+def check_network_weights(cfg: TrainConfig, family: ModelFamily, info: ModelInfo) -> None:
+    """`--network_weights` must be a readable safetensors LoRA made for this base model."""
     path = cfg.network.network_weights
     if path is None:
         return
     header = read_header(path, flag="--network_weights")
-    architecture = header.metadata.get("modelspec.architecture", "")
-    trained_on = next((v for v in ("schnell", "dev") if architecture.startswith(f"flux-1-{v}")), None)
-    if trained_on is not None and trained_on != info.variant:
-        raise CheckpointError(
-            f"--network_weights {path}: this LoRA was trained on FLUX.1-{trained_on} (modelspec.architecture "
-            f"{architecture}) but --pretrained_model_name_or_path is FLUX.1-{info.variant}; use a base model of the "
-            "same variant (dev and schnell LoRAs do not carry over)", path=path, key="--network_weights")
+    why = family.check_lora(info, header.metadata)
+    if why is not None:
+        raise CheckpointError(f"--network_weights {path}: {why}", path=path, key="--network_weights")
+
+
+def check_checkpoint_blocks(cfg: TrainConfig, info: ModelInfo) -> None:
+    """A numeric --checkpoint_blocks within the model's real block count (from the file header)."""
+    n = cfg.memory.checkpoint_blocks
+    total = info.num_blocks
+    if isinstance(n, int) and n > total:
+        raise ConfigError(f"--checkpoint_blocks {n}: this model has {info.double_blocks} double and "
+                          f"{info.single_blocks} single blocks, so at most {total} can be checkpointed; "
+                          f"use a value from 0 to {total} (or drop the flag to checkpoint all of them)",
+                          key="--checkpoint_blocks")
 
 
 def load_blueprint(cfg: TrainConfig) -> DatasetBlueprint:
@@ -118,38 +132,56 @@ def check_resume_dir(resume: Path | None) -> None:
                           path=resume, key="--resume")
 
 
-def check_training_flags(cfg: TrainConfig) -> None:
-    """--network_args and the optimizer (name, package, --optimizer_args), parsed as training will parse them."""
+def check_training_flags(cfg: TrainConfig) -> ParsedFlags:
+    """--network_args, the optimizer (name, package, --optimizer_args) and --lr_scheduler_args, parsed as training
+    will parse them; the optimizer is built over a dummy parameter."""
     from fluxlora.network.args import parse_network_args
-    from fluxlora.training.optim import check_optimizer, parse_optimizer_args
+    from fluxlora.training.optim import check_optimizer, parse_kv_args, parse_optimizer_args
 
-    parse_network_args(list(cfg.network.network_args), network_dropout=cfg.network.network_dropout)
-    check_optimizer(cfg.optim.optimizer_type, learning_rate=cfg.optim.learning_rate,
-                    optimizer_args=parse_optimizer_args(list(cfg.optim.optimizer_args)))
+    network_args = parse_network_args(list(cfg.network.network_args), network_dropout=cfg.network.network_dropout)
+    optimizer_args = parse_optimizer_args(list(cfg.optim.optimizer_args))
+    check_optimizer(cfg.optim.optimizer_type, learning_rate=cfg.optim.learning_rate, optimizer_args=optimizer_args)
+    scheduler_args = parse_kv_args(list(cfg.optim.lr_scheduler_args), "--lr_scheduler_args")
+    return ParsedFlags(network_args=network_args, optimizer_args=optimizer_args, scheduler_args=scheduler_args)
 
 
-def run_preflight(cfg: TrainConfig) -> Preflight:
-    """All checks that need no weights, in the order a user would fix them."""
-    info = check_model_files(cfg)
-    check_memory_flags(cfg, info)
-    check_checkpoint_blocks(cfg, info)
-    t5_len = t5_max_length_for(info.variant, cfg.flow.t5xxl_max_token_length)
-    check_network_weights(cfg, info)
-    check_training_flags(cfg)
-    check_output_dir(cfg.saving.output_dir)
-    check_resume_dir(cfg.saving.resume)
-    blueprint = load_blueprint(cfg)
+def check_scheduler(cfg: TrainConfig, parsed: ParsedFlags, max_train_steps: int) -> None:
+    """Build the LR scheduler over a dummy optimizer for the run's length: an unknown name, arguments it refuses or
+    a warm-up longer than the run fail here, before any weight is loaded."""
+    import torch
+
+    from fluxlora.training.optim import build_optimizer, required_scheduler
+    from fluxlora.training.schedulers import build_scheduler
+
+    o = cfg.optim
+    optimizer, _ = build_optimizer(o.optimizer_type, [{"params": [torch.zeros(1, requires_grad=True)]}],
+                                   learning_rate=o.learning_rate, optimizer_args=dict(parsed.optimizer_args))
+    build_scheduler(
+        required_scheduler(optimizer) or o.lr_scheduler, optimizer, num_training_steps=max_train_steps,
+        num_warmup_steps=o.lr_warmup_steps, num_decay_steps=o.lr_decay_steps, num_cycles=o.lr_scheduler_num_cycles,
+        power=o.lr_scheduler_power, timescale=o.lr_scheduler_timescale, min_lr_ratio=o.lr_scheduler_min_lr_ratio,
+        scheduler_type=o.lr_scheduler_type, scheduler_args=dict(parsed.scheduler_args), initial_lr=o.learning_rate,
+    )
+
+
+def check_dataset(cfg: TrainConfig, blueprint: DatasetBlueprint, seed: int) -> TrainingData:
+    """Caching conflicts, then every image header and caption of the dataset; the dataset, built once."""
     check_caching_conflicts(cfg, [s for d in blueprint.datasets for s in d.subsets])
-    seed = cfg.training.seed if cfg.training.seed is not None else random.randrange(2**31)
     data = build_training_data(blueprint, seed=seed, skip_bad_images=cfg.dataset_flags.skip_bad_images)
     problems = data.cache_conflicts(cache_latents=cfg.caching.cache_latents,
                                     cache_text_encoder_outputs=cfg.caching.cache_text_encoder_outputs)
     if problems:
         raise ConfigError("; ".join(problems), key=problems[0].split(":", 1)[0])
+    return data
+
+
+def check_prompt_file(cfg: TrainConfig) -> None:
     if cfg.sampling.sample_prompts is not None:
         from fluxlora.inference.prompts import load_prompt_file
 
         load_prompt_file(cfg.sampling.sample_prompts)
-    pre = Preflight(flux_info=info, t5_max_length=t5_len, blueprint=blueprint, data=data, seed=seed)
-    logger.info("preflight: %s", pre.summary())
-    return pre
+
+
+__all__ = ["ParsedFlags", "check_checkpoint_blocks", "check_dataset", "check_encoder_files", "check_memory_flags",
+           "check_network_weights", "check_output_dir", "check_prompt_file", "check_resume_dir", "check_scheduler",
+           "check_training_flags", "load_blueprint"]

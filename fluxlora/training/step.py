@@ -1,30 +1,28 @@
-"""One training step's forward pass: σ and noise, the noisy input, the transformer call, the loss (spec §4).
+"""One optimizer step, top to bottom: batch → conditioning → noise and σ → prediction → loss → backward →
+(accumulation, all-reduce, clip) → optimizer and scheduler → the values logged.
 
-Everything random in a step comes from one `torch.Generator` that the caller seeds from (seed, epoch, batch
-index), so a resumed run draws exactly what an uninterrupted one would, and sampling or validation in between
-never shift the stream.
+`train_step` is the whole step; `training_loss` is the part of it that validation scores too (at fixed σ and noise).
+Everything random in a step comes from generators seeded by (seed, epoch, batch index), so a resumed run draws
+exactly what an uninterrupted one would, and sampling or validation in between never shift the streams.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from fluxlora.config.train_config import FlowSettings
 from fluxlora import flow
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """Text conditioning of a batch: CLIP-L pooled [B,768], T5 states [B,L,4096], T5 mask [B,L] (bool)."""
-
-    clip_pooled: Tensor
-    t5_out: Tensor
-    t5_mask: Tensor
+from fluxlora.config.train_config import FlowSettings
+from fluxlora.families.base import Autocast, Conditioning, ModelFamily, TextEncoders
+from fluxlora.training.models import Models, latent_encoder
+from fluxlora.training.plan import RunPlan
+from fluxlora.training.processes import Processes
 
 
 @dataclass
@@ -32,6 +30,34 @@ class StepOutput:
     loss: Tensor  # scalar, float32, with grad
     per_sample: Tensor  # [B] float32, detached (after weights)
     sigmas: Tensor  # [B] float32
+
+
+@dataclass
+class Trainable:
+    """What the optimizer updates: the LoRA network, its optimizer, scheduler and fp16 gradient scaler."""
+
+    network: Any  # LoRANetwork (or another adapter network with the same interface)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any | None
+    param_group_names: list[str]
+    trained_encoders: frozenset[str]  # text-encoder components that carry LoRA modules
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    def lr_logs(self) -> dict[str, float]:
+        return {f"lr/{name}": float(group["lr"])
+                for name, group in zip(self.param_group_names, self.optimizer.param_groups, strict=False)}
+
+
+@dataclass
+class StepResult:
+    stepped: bool  # False: a non-finite loss or gradient, the step was skipped (and the gradients cleared)
+    loss: float  # mean over micro-batches and processes
+    grad_norm: float | None
+    logs: dict[str, float] = field(default_factory=dict)
 
 
 def step_seed(seed: int, epoch: int, batch_index: int, purpose: int = 0) -> int:
@@ -44,65 +70,106 @@ def step_generator(seed: int, epoch: int, batch_index: int, purpose: int = 0) ->
     return torch.Generator(device="cpu").manual_seed(step_seed(seed, epoch, batch_index, purpose))
 
 
-def trim_text(cond: Conditioning) -> Conditioning:
-    """Drop T5 positions that are padding in every sample of the batch.
+def train_step(plan: RunPlan, models: Models, trainable: Trainable, processes: Processes,
+               batches: list[dict[str, Any]], *, epoch: int, agree: Callable[[float], float],
+               on_loss: Callable[[Tensor], Tensor] | None = None) -> StepResult:
+    """One optimizer step over `batches` (its gradient-accumulation micro-batches, this process's share).
 
-    Exact only when the padded tokens are masked out of attention (`--apply_t5_attn_mask`): then they influence
-    nothing, and removing them changes no output while saving their share of every block's work.
-    """
-    longest = int(cond.t5_mask.sum(dim=1).max().item()) if cond.t5_mask.numel() else 0
-    longest = max(longest, 1)
-    if longest >= cond.t5_out.shape[1]:
-        return cond
-    return Conditioning(cond.clip_pooled, cond.t5_out[:, :longest], cond.t5_mask[:, :longest])
+    `agree(loss)` turns this process's loss into the loss of all processes (one small all-reduce); `on_loss` may
+    replace a micro-batch's loss before backward (fault injection in tests)."""
+    cfg, device = plan.cfg, processes.device
+    accum = cfg.training.gradient_accumulation_steps
+    autocast = plan.precision.autocast(device)
+    losses = []
+    for batch in batches:
+        index = batch["batch_index"]
+        # LoRA dropouts draw from torch's global RNG: reseed it per batch so they too depend only on the position
+        torch.manual_seed(step_seed(plan.seed, epoch, index, purpose=1))
+        latents = latents_of(batch, models, plan, device)
+        cond = conditioning_of(batch, models.text, trainable.trained_encoders)
+        out = training_loss(
+            plan.family, models.transformer, latents, cond, cfg.flow, generator=step_generator(plan.seed, epoch, index),
+            guidance=plan.guidance, compute_dtype=plan.precision.compute, autocast=autocast,
+            loss_weights=batch["loss_weights"], alpha_masks=batch.get("alpha_masks"), dop=batch.get("dop"),
+            set_multiplier=trainable.network.set_multiplier,
+        )
+        loss = on_loss(out.loss) if on_loss is not None else out.loss
+        scaled = loss / accum
+        (trainable.scaler.scale(scaled) if trainable.scaler is not None else scaled).backward()
+        losses.append(float(loss.detach()))
+    loss = agree(sum(losses) / len(losses))
+
+    # all processes reduce the same gradients before unscaling, so the fp16 scaler sees the same inf/NaN everywhere
+    # and they all skip or step together
+    params = trainable.params
+    processes.average_gradients(params)
+    if trainable.scaler is not None:
+        trainable.scaler.unscale_(trainable.optimizer)
+    max_norm = cfg.optim.max_grad_norm
+    if max_norm and max_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    else:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack(
+            [p.grad.detach().float().norm() for p in params if p.grad is not None] or [torch.zeros(())])))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        trainable.optimizer.zero_grad(set_to_none=True)
+        if trainable.scaler is not None:
+            trainable.scaler.update()
+        return StepResult(stepped=False, loss=loss, grad_norm=grad_norm)
+
+    trainable.network.update_norms()  # GGPO's weight norms, before the weights change
+    if trainable.scaler is not None:
+        trainable.scaler.step(trainable.optimizer)
+        trainable.scaler.update()
+    else:
+        trainable.optimizer.step()
+    trainable.scheduler.step()
+    trainable.optimizer.zero_grad(set_to_none=True)
+
+    logs = {"loss/current": loss, **trainable.lr_logs(), "norm/avg_grad_norm": grad_norm}
+    if cfg.network.scale_weight_norms:
+        scaled_keys, mean, largest = trainable.network.apply_max_norm(cfg.network.scale_weight_norms, device)
+        logs.update({"max_norm/keys_scaled": scaled_keys, "max_norm/average_key_norm": mean,
+                     "max_norm/max_key_norm": largest})
+    return StepResult(stepped=True, loss=loss, grad_norm=grad_norm, logs=logs)
 
 
-def predict_velocity(
-    flux: torch.nn.Module,
-    x_t: Tensor,
-    sigmas: Tensor,
-    cond: Conditioning,
-    *,
-    guidance_scale: float | None,
-    apply_t5_attn_mask: bool,
-    compute_dtype: torch.dtype,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> Tensor:
-    """Run the transformer on unpacked noisy latents [B,16,h,w]; returns the unpacked prediction (float32)."""
-    batch, _, height, width = x_t.shape
-    device = next(p.device for p in flux.parameters())
-    img = flow.pack_latents(x_t).to(device=device, dtype=compute_dtype)
-    img_ids = flow.image_ids(batch, height // 2, width // 2, device=device)
-    txt = cond.t5_out.to(device=device, dtype=compute_dtype)
-    txt_ids = flow.text_ids(batch, txt.shape[1], device=device)
-    guidance = None
-    if guidance_scale is not None:
-        guidance = torch.full((batch,), float(guidance_scale), device=device, dtype=torch.float32)
-    mask = cond.t5_mask.to(device) if apply_t5_attn_mask else None
-    with autocast():
-        pred = flux(img, img_ids, txt, txt_ids, sigmas.to(device), cond.clip_pooled.to(device=device, dtype=compute_dtype),
-                    guidance, mask)
-    return flow.unpack_latents(pred.float(), height, width)
+def latents_of(batch: dict[str, Any], models: Models, plan: RunPlan, device: torch.device) -> Tensor:
+    """The batch's latents: from the cache, or encoded now with the AE."""
+    if "latents" in batch:
+        return batch["latents"].to(device, torch.float32)
+    return latent_encoder(models.ae, plan.precision, device)(batch["images"])
+
+
+def conditioning_of(batch: dict[str, Any], text: TextEncoders, trained: Collection[str]) -> Conditioning:
+    """The batch's text conditioning: cached outputs (with the outputs of encoders whose LoRA trains recomputed,
+    sd-scripts' partial caching), or encoded now."""
+    captions = list(batch["captions"])
+    if "text" in batch:
+        return text.update(dict(batch["text"]), captions, trained)
+    return text.encode(captions, grad=trained)
 
 
 def training_loss(
-    flux: torch.nn.Module,
+    family: ModelFamily,
+    model: nn.Module,
     latents: Tensor,
     cond: Conditioning,
     settings: FlowSettings,
     *,
     generator: torch.Generator,
-    guidance: bool,
+    guidance: float | None,
     compute_dtype: torch.dtype,
     loss_weights: Tensor | None = None,
     alpha_masks: Tensor | None = None,
     dop: Tensor | None = None,
     set_multiplier: Callable[[float], None] | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    autocast: Autocast = contextlib.nullcontext,
     sigmas: Tensor | None = None,
     noise: Tensor | None = None,
 ) -> StepOutput:
-    """The loss of one batch (spec §4.2-4.7). `sigmas`/`noise` may be given (validation uses fixed ones)."""
+    """The loss of one batch (spec §4.2-4.7): noise and σ (drawn from `generator` unless given: validation fixes
+    them) → noisy latents → the family's prediction → the flow-matching loss, weighted per sample."""
     x0 = latents.float()
     batch, _, height, width = x0.shape
     if noise is None:
@@ -120,15 +187,14 @@ def training_loss(
         ip_noise = gamma * flow.sample_noise(x0.shape, generator=generator)
     noise, sigmas = noise.to(x0.device), sigmas.to(x0.device)
     x_t = flow.noisy_latents(x0, noise, sigmas, ip_noise=None if ip_noise is None else ip_noise.to(x0.device))
-    if settings.apply_t5_attn_mask:
-        cond = trim_text(cond)
+    if settings.apply_t5_attn_mask:  # padding is masked out, so dropping it changes nothing and saves work
+        cond = family.trim_text(cond)
 
     def predict() -> Tensor:
-        return predict_velocity(flux, x_t, sigmas, cond, guidance_scale=settings.guidance_scale if guidance else None,
-                                apply_t5_attn_mask=settings.apply_t5_attn_mask, compute_dtype=compute_dtype,
-                                autocast=autocast)
+        return family.predict(model, x_t, sigmas, cond, guidance=guidance, mask_text=settings.apply_t5_attn_mask,
+                              compute_dtype=compute_dtype, autocast=autocast).to(x0.device)
 
-    pred = predict().to(x0.device)
+    pred = predict()
     value, type_weight = flow.apply_prediction_type(settings.model_prediction_type, pred, x_t, sigmas,
                                                     settings.weighting_scheme)
     target = flow.flow_target(x0, noise)

@@ -1,5 +1,6 @@
-"""The training loop, and nothing else: get batch, encode (or read cache), loss, backward, step, then save,
-sample and validate on schedule. Every piece it calls is a module that is tested on its own.
+"""The schedule of a run: epochs, optimizer steps (`step.train_step`), saves, samples, validation and stop signals.
+
+The step itself lives in `step.py`; this module decides when things happen, and nothing else.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -16,21 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from fluxlora.config.train_config import TrainConfig
 from fluxlora.data.loader import make_dataloader, set_epoch
 from fluxlora.errors import TrainingError
-from fluxlora.training import faults
 from fluxlora.training.logs import LossRecorder, plot_losses
-from fluxlora.training.outputs import (
-    epoch_to_remove,
-    should_save_epoch,
-    should_save_step,
-    step_to_remove,
-)
-from fluxlora.training.run import Run
-from fluxlora.training.state import TrainCounters, save_state
-from fluxlora.training.step import StepOutput, step_generator, step_seed, training_loss
+from fluxlora.training.metadata import lora_metadata
+from fluxlora.training.optim import eval_mode
+from fluxlora.training.outputs import epoch_to_remove, should_save_epoch, should_save_step, step_to_remove
+from fluxlora.training.setup import Run
+from fluxlora.training.state import save_state
+from fluxlora.training.step import train_step, training_loss
 from fluxlora.training.validation import validation_loss
 
 logger = logging.getLogger(__name__)
@@ -52,6 +50,11 @@ StepCallback = Callable[[Run, int], None]
 """Called as `callback(run, global_step)` after each optimizer step (after logging and any scheduled save,
 sample or validation); its own time is not counted in `TrainResult.step_seconds`."""
 
+LossHook = Callable[[Tensor, int], Tensor]
+"""Called as `hook(loss, attempt)` on each micro-batch's loss before backward; returns the loss to use. `attempt`
+counts optimizer-step attempts (steps taken + skipped attempts of the current non-finite streak + 1). Tests inject
+faults with it (a NaN loss)."""
+
 
 @dataclass
 class TrainResult:
@@ -68,78 +71,76 @@ class TrainResult:
 
 
 class Trainer:
-    """Runs the loop over a prepared `Run` (models, network, optimizer, data, caches).
+    """Runs the schedule over a built `Run`. `callbacks` are step-end hooks (`StepCallback`), e.g. a progress
+    reporter or a benchmark's probe; `loss_hook` (`LossHook`) sees every micro-batch loss."""
 
-    `callbacks` are step-end hooks (`StepCallback`), e.g. a progress reporter or a benchmark's probe."""
-
-    def __init__(self, run: Run, callbacks: Sequence[StepCallback] = ()):
+    def __init__(self, run: Run, callbacks: Sequence[StepCallback] = (), loss_hook: LossHook | None = None):
         self.run = run
-        self.cfg: TrainConfig = run.cfg
+        self.plan = run.plan
+        self.cfg = run.plan.cfg
         self.result = TrainResult()
-        self.counters: TrainCounters = run.counters
         self.callbacks: tuple[StepCallback, ...] = tuple(callbacks)
+        self.loss_hook = loss_hook
         self.stop_signal: int | None = None
         self._first_signal_at = 0.0  # time.monotonic() of the stop request
+        self.recorder = LossRecorder(window=max(1, run.plan.data.num_batches_per_epoch))
 
-    # ---- the loop -----------------------------------------------------------------------------------------------
+    @property
+    def counters(self):
+        return self.run.counters
+
+    # ---- the schedule --------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        run, cfg = self.run, self.cfg
+        run, cfg, plan = self.run, self.cfg, self.plan
+        c, procs = run.counters, run.processes
         accum = cfg.training.gradient_accumulation_steps
-        recorder = LossRecorder(window=max(1, run.data.num_batches_per_epoch))
-        self.result.losses = list(self.counters.loss_history)
+        self.result.losses = list(c.loss_history)
         loader = make_dataloader(
-            run.data, self.counters.epoch or 1, seed=run.seed, num_workers=cfg.dataset_flags.max_data_loader_n_workers,
-            persistent_workers=cfg.dataset_flags.persistent_data_loader_workers,
-            start_batch=self.counters.batch_in_epoch, latent_cache=run.latent_cache, text_cache=run.text_cache,
-            gradient_accumulation_steps=accum, max_train_steps=run.max_train_steps,
-            num_processes=run.num_processes, process_index=run.process_index,
+            plan.data, c.epoch or 1, seed=plan.seed, num_workers=cfg.dataset_flags.max_data_loader_n_workers,
+            persistent_workers=cfg.dataset_flags.persistent_data_loader_workers, start_batch=c.batch_in_epoch,
+            latent_cache=run.latent_cache, text_cache=run.text_cache, gradient_accumulation_steps=accum,
+            max_train_steps=plan.schedule.max_train_steps, num_processes=procs.count, process_index=procs.index,
         )
-        # freeze() left the DiT in eval mode, and Flux only checkpoints blocks (--gradient_checkpointing, and the
-        # recompute block swap needs) in training mode; FLUX has no dropout or batch norm, so nothing else changes.
-        # Validation and sampling run under no_grad, where no block is checkpointed in either mode.
-        run.models.flux.train()
+        # freeze() left the transformer in eval mode, and blocks are only checkpointed in training mode; FLUX has no
+        # dropout or batch norm, so nothing else changes. Validation and sampling run under no_grad.
+        run.models.transformer.train()
         self._install_signal_handlers()
-        progress = _progress(run.max_train_steps, self.counters.global_step, enabled=run.is_main)
-        if cfg.sampling.sample_at_first and self.counters.global_step == 0:
-            run.sample(epoch=0, step=0)
-        micro_losses: list[float] = []
-        start_epoch = max(1, self.counters.epoch)
+        progress = _progress(plan.schedule.max_train_steps, c.global_step, enabled=procs.is_main)
+        if cfg.sampling.sample_at_first and c.global_step == 0:
+            self.sample(epoch=0, step=0)
         # With n processes, process p trains batches p, p + n, ... of each epoch's list (padded to whole rows):
-        # a "row" of n batches is one micro-step of all processes together.
-        n = run.num_processes
-        num_batches = run.data.num_batches_per_epoch
-        rows = math.ceil(num_batches / n)
+        # a "row" of n batches is one micro-step of all processes together; `accum` rows make an optimizer step.
+        num_batches = plan.data.num_batches_per_epoch
+        rows = math.ceil(num_batches / procs.count)
+        start_epoch = max(1, c.epoch)
         step_start = time.perf_counter()
         try:
-            for epoch in range(start_epoch, run.num_epochs + 1):
+            for epoch in range(start_epoch, plan.schedule.num_epochs + 1):
                 if epoch != start_epoch:
-                    self.counters.batch_in_epoch = 0
-                self.counters.epoch = epoch
-                set_epoch(loader, epoch, self.counters.batch_in_epoch)
-                first_row = math.ceil(self.counters.batch_in_epoch / n)
-                for row, batch in enumerate(loader, start=first_row):
-                    out = self._forward(batch, epoch, batch["batch_index"])
-                    out.loss = faults.loss_for_step(out.loss, self.counters.global_step + self.counters.nan_streak + 1)
-                    run.backward(out.loss / accum)
-                    micro_losses.append(float(out.loss.detach()))
-                    self.counters.batch_in_epoch = min((row + 1) * n, num_batches)
+                    c.batch_in_epoch = 0
+                c.epoch = epoch
+                set_epoch(loader, epoch, c.batch_in_epoch)
+                group: list[dict[str, Any]] = []
+                for row, batch in enumerate(loader, start=math.ceil(c.batch_in_epoch / procs.count)):
+                    group.append(batch)
+                    c.batch_in_epoch = min((row + 1) * procs.count, num_batches)
                     if (row + 1) % accum != 0 and row + 1 != rows:
                         continue
-                    stepped = self._optimizer_step(micro_losses, batch, recorder, progress)
-                    micro_losses = []
+                    stepped = self._step(group, epoch, progress)
+                    group = []
                     if stepped:
                         self.result.step_seconds.append(time.perf_counter() - step_start)
                         for callback in self.callbacks:
-                            callback(run, self.counters.global_step)
+                            callback(run, c.global_step)
                         step_start = time.perf_counter()
-                    if self.counters.global_step >= run.max_train_steps or self.stop_signal is not None:
+                    if c.global_step >= plan.schedule.max_train_steps or self.stop_signal is not None:
                         break
                 if self.stop_signal is not None:
                     self._interrupt()
-                if self.counters.batch_in_epoch < num_batches:
+                if c.batch_in_epoch < num_batches:
                     break  # stopped inside the epoch (max steps): it has no end, and a resume continues it
-                self._end_of_epoch(epoch, recorder)
-                if self.counters.global_step >= run.max_train_steps:
+                self._end_of_epoch(epoch)
+                if c.global_step >= plan.schedule.max_train_steps:
                     break
         finally:
             progress.close()
@@ -147,149 +148,243 @@ class Trainer:
         self._finish()
         return self.result
 
-    def _forward(self, batch: dict[str, Any], epoch: int, index: int) -> StepOutput:
-        run = self.run
-        # LoRA dropouts draw from torch's global RNG: reseed it per batch so they too depend only on the position.
-        torch.manual_seed(step_seed(run.seed, epoch, index, purpose=1))
-        return training_loss(
-            run.models.flux, run.latents_of(batch), run.conditioning_of(batch), self.cfg.flow,
-            generator=step_generator(run.seed, epoch, index), guidance=run.guidance, compute_dtype=run.precision.compute,
-            loss_weights=batch["loss_weights"], alpha_masks=batch.get("alpha_masks"), dop=batch.get("dop"),
-            set_multiplier=run.network.set_multiplier, autocast=run.autocast,
-        )
-
-    def _optimizer_step(self, micro_losses: list[float], batch: dict[str, Any], recorder: LossRecorder,
-                        progress: Any) -> bool:
-        """Clip, step, log and run the step's schedule; False when the step was skipped (non-finite)."""
-        run, cfg, c = self.run, self.cfg, self.counters
-        loss = self._agree(sum(micro_losses) / len(micro_losses))
-        stepped, grad_norm = run.optimizer_step(finite_loss=math.isfinite(loss))
-        if not stepped:
+    def _step(self, batches: list[dict[str, Any]], epoch: int, progress: Any) -> bool:
+        """One optimizer step and what follows it; False when it was skipped (non-finite)."""
+        run, cfg, c = self.run, self.cfg, self.run.counters
+        on_loss = None
+        if self.loss_hook is not None:
+            attempt = c.global_step + c.nan_streak + 1
+            on_loss = lambda loss: self.loss_hook(loss, attempt)  # noqa: E731
+        result = train_step(self.plan, run.models, run.trainable, run.processes, batches, epoch=epoch,
+                            agree=self._agree, on_loss=on_loss)
+        if not result.stepped:
             c.nan_streak += 1
+            paths = [p for batch in batches for p in batch["image_paths"]]
             logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s) — optimizer step skipped; "
-                           "batch images: %s", c.global_step + 1, loss, grad_norm, ", ".join(batch["image_paths"]))
+                           "batch images: %s", c.global_step + 1, result.loss, result.grad_norm, ", ".join(paths))
             if c.nan_streak >= cfg.training.max_nan_steps:
-                path = run.save_lora(run.names.last_file("-nan-stopped"), steps=c.global_step, epoch=c.epoch)
+                path = self.save_lora(self.plan.outputs.last_file("-nan-stopped"))
                 raise TrainingError(
                     f"{c.nan_streak} optimizer steps in a row had a non-finite loss or gradient; stopped at step "
                     f"{c.global_step} and saved the last good LoRA to {path}; {NAN_ADVICE}", key="--max_nan_steps")
             return False
         c.nan_streak = 0
         c.global_step += 1
-        c.loss_history.append(loss)
-        self.result.losses.append(loss)
-        recorder.add(loss)
-        logs = {"loss/current": loss, "loss/average": recorder.moving_average, **run.lr_logs()}
-        if grad_norm is not None:
-            logs["norm/avg_grad_norm"] = grad_norm
-        logs.update(run.max_norm_logs)
-        run.log(logs, step=c.global_step)
+        c.loss_history.append(result.loss)
+        self.result.losses.append(result.loss)
+        self.recorder.add(result.loss)
+        self.log({**result.logs, "loss/average": self.recorder.moving_average}, step=c.global_step)
         progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{recorder.moving_average:.4f}",
-                             lr=f"{next(iter(run.lr_logs().values()), 0.0):.2e}")
+        lr = next(iter(run.trainable.lr_logs().values()), 0.0)
+        progress.set_postfix(loss=f"{result.loss:.4f}", avr_loss=f"{self.recorder.moving_average:.4f}", lr=f"{lr:.2e}")
         self._on_step_end()
-        faults.after_step(c.global_step)  # tests only: tells a parent process how far the run got
         return True
 
     def _agree(self, loss: float) -> float:
         """One small all-reduce per optimizer step: the loss as the mean over processes (what is logged and
         recorded, equal on every process) and any stop signal, so all processes stop after the same step."""
-        run = self.run
-        if run.num_processes == 1:
+        procs = self.run.processes
+        if procs.count == 1:
             return loss
         flags = [float(self.stop_signal == sig) for sig in (signal.SIGINT, signal.SIGTERM)]
-        total = run.sum_over_processes(torch.tensor([loss, *flags], dtype=torch.float64))
+        total = procs.sum(torch.tensor([loss, *flags], dtype=torch.float64))
         if self.stop_signal is None and float(total[1:].sum()) > 0:
             self.stop_signal = signal.SIGINT if float(total[1]) > 0 else signal.SIGTERM
             self._first_signal_at = time.monotonic()
             logger.warning("another process received %s: stopping after this step",
                            signal.Signals(self.stop_signal).name)
-        return float(total[0]) / run.num_processes
+        return float(total[0]) / procs.count
 
-    # ---- schedule: save, sample, validate -------------------------------------------------------------------------
     def _on_step_end(self) -> None:
-        run, cfg, step = self.run, self.cfg, self.counters.global_step
-        if should_save_step(step, cfg.saving) and step < run.max_train_steps:
-            self._save_checkpoint(run.names.step_file(step), run.names.step_state(step))
-            old = step_to_remove(step, cfg.saving.save_every_n_steps, cfg.saving.save_last_n_steps)
+        cfg, step, names = self.cfg, self.run.counters.global_step, self.plan.outputs
+        saving = cfg.saving
+        if should_save_step(step, saving) and step < self.plan.schedule.max_train_steps:
+            self._save_checkpoint(names.step_file(step), names.step_state(step))
+            old = step_to_remove(step, saving.save_every_n_steps, saving.save_last_n_steps)
             if old is not None:
-                run.remove_file(run.names.step_file(old))
-            old_state = step_to_remove(step, cfg.saving.save_every_n_steps,
-                                       cfg.saving.save_last_n_steps_state or cfg.saving.save_last_n_steps)
+                self._remove_file(names.step_file(old))
+            old_state = step_to_remove(step, saving.save_every_n_steps,
+                                       saving.save_last_n_steps_state or saving.save_last_n_steps)
             if old_state is not None:
-                run.remove_dir(run.names.step_state(old_state))
+                self._remove_dir(names.step_state(old_state))
         if cfg.sampling.sample_every_n_steps and not cfg.sampling.sample_every_n_epochs \
                 and step % cfg.sampling.sample_every_n_steps == 0:
-            run.sample(epoch=None, step=step)
+            self.sample(epoch=None, step=step)
         if cfg.validation.validate_every_n_steps and step % cfg.validation.validate_every_n_steps == 0:
-            self._validate(step)
+            self.validate(step)
 
-    def _end_of_epoch(self, epoch: int, recorder: LossRecorder) -> None:
-        run, cfg = self.run, self.cfg
-        run.log({"loss/epoch_average": recorder.end_epoch()}, step=epoch)
-        self.counters.batch_in_epoch = run.data.num_batches_per_epoch
-        if should_save_epoch(epoch, run.num_epochs, run.save_every_n_epochs):
+    def _end_of_epoch(self, epoch: int) -> None:
+        cfg, c, names, schedule = self.cfg, self.run.counters, self.plan.outputs, self.plan.schedule
+        self.log({"loss/epoch_average": self.recorder.end_epoch()}, step=epoch)
+        per_epoch = self.plan.data.num_batches_per_epoch
+        c.batch_in_epoch = per_epoch
+        if should_save_epoch(epoch, schedule.num_epochs, schedule.save_every_n_epochs):
             # the state of an epoch boundary resumes at the first batch of the next epoch
-            self.counters.epoch, self.counters.batch_in_epoch = epoch + 1, 0
-            self._save_checkpoint(run.names.epoch_file(epoch), run.names.epoch_state(epoch), epoch=epoch)
-            self.counters.epoch, self.counters.batch_in_epoch = epoch, run.data.num_batches_per_epoch
-            old = epoch_to_remove(epoch, run.save_every_n_epochs, cfg.saving.save_last_n_epochs)
+            c.epoch, c.batch_in_epoch = epoch + 1, 0
+            self._save_checkpoint(names.epoch_file(epoch), names.epoch_state(epoch), epoch=epoch)
+            c.epoch, c.batch_in_epoch = epoch, per_epoch
+            old = epoch_to_remove(epoch, schedule.save_every_n_epochs, cfg.saving.save_last_n_epochs)
             if old is not None:
-                run.remove_file(run.names.epoch_file(old))
-            old_state = epoch_to_remove(epoch, run.save_every_n_epochs,
+                self._remove_file(names.epoch_file(old))
+            old_state = epoch_to_remove(epoch, schedule.save_every_n_epochs,
                                         cfg.saving.save_last_n_epochs_state or cfg.saving.save_last_n_epochs)
             if old_state is not None:
-                run.remove_dir(run.names.epoch_state(old_state))
+                self._remove_dir(names.epoch_state(old_state))
         if cfg.sampling.sample_every_n_epochs and epoch % cfg.sampling.sample_every_n_epochs == 0:
-            run.sample(epoch=epoch, step=self.counters.global_step)
+            self.sample(epoch=epoch, step=c.global_step)
         every = cfg.validation.validate_every_n_epochs
-        if run.has_validation and (every is None or epoch % every == 0):
-            self._validate(self.counters.global_step, epoch=epoch)
+        if self.plan.data.num_validation_images > 0 and (every is None or epoch % every == 0):
+            self.validate(c.global_step, epoch=epoch)
 
-    def _validate(self, step: int, epoch: int | None = None) -> None:
-        run = self.run
-        if not run.has_validation:
+    # ---- validation and sampling -----------------------------------------------------------------------------------
+    def validate(self, step: int, epoch: int | None = None) -> None:
+        """The validation loss at fixed σ and noise (spec §9), logged; every process scores its share."""
+        run, plan = self.run, self.plan
+        if plan.data.num_validation_images == 0:
             return
-        with run.eval_context():
-            value = validation_loss(run.validation_batches(), run.score_fixed, run.latents_of,
-                                    seed=run.validation_seed, max_batches=self.cfg.validation.max_validation_steps,
-                                    reduce_sum=run.sum_over_processes if run.num_processes > 1 else None)
+        from fluxlora.training.step import conditioning_of, latents_of
+
+        procs, device = run.processes, run.processes.device
+        autocast = plan.precision.autocast(device)
+
+        def score(batch: dict[str, Any], sigmas: Tensor, noise: Tensor):
+            return training_loss(
+                plan.family, run.models.transformer, latents_of(batch, run.models, plan, device),
+                conditioning_of(batch, run.models.text, run.trainable.trained_encoders), self.cfg.flow,
+                generator=torch.Generator().manual_seed(0), guidance=plan.guidance,
+                compute_dtype=plan.precision.compute, loss_weights=batch["loss_weights"],
+                alpha_masks=batch.get("alpha_masks"), autocast=autocast, sigmas=sigmas, noise=noise)
+
+        batches = make_dataloader(plan.data, 1, seed=plan.seed, split="validation", latent_cache=run.latent_cache,
+                                  text_cache=run.text_cache, num_processes=procs.count, process_index=procs.index)
+        vs = self.cfg.dataset_flags.validation_seed
+        with self._eval_context():
+            value = validation_loss(batches, score, lambda b: latents_of(b, run.models, plan, device),
+                                    seed=plan.seed if vs is None else vs,
+                                    max_batches=self.cfg.validation.max_validation_steps,
+                                    reduce_sum=procs.sum if procs.count > 1 else None)
         self.result.validation.append((step, value))
         key = "epoch_average" if epoch is not None else "step_average"
-        run.log({f"loss/validation/{key}": value}, step=epoch if epoch is not None else step)
+        self.log({f"loss/validation/{key}": value}, step=epoch if epoch is not None else step)
         logger.info("validation loss at step %d: %.6f", step, value)
 
-    # ---- saving ---------------------------------------------------------------------------------------------------
+    def sample(self, *, epoch: int | None, step: int) -> None:
+        """Sample images with the prompt file (spec §8); a no-op without --sample_prompts.
+
+        `epoch` names epoch files (0 before training), None step files. With several processes every process
+        calls this: prompt i is generated by process i mod n, and the main process gathers and writes every file."""
+        cfg, run, plan = self.cfg, self.run, self.plan
+        if cfg.sampling.sample_prompts is None:
+            return
+        from fluxlora.inference.prompts import load_prompt_file
+        from fluxlora.inference.training_samples import accelerate_image_logger, sample_during_training
+
+        if run.sample_prompts is not None:  # the encoders are gone: the prompts were read and encoded up front
+            prompts, encode = list(run.sample_prompts.prompts), run.sample_prompts.encode
+        else:
+            prompts = load_prompt_file(cfg.sampling.sample_prompts, flag="--sample_prompts")
+            encode = run.models.text.encode
+        ae, procs = run.models.ae, run.processes
+        home = next(ae.parameters()).device
+        ae.to(procs.device)  # with cached latents the AE waits on the host: on the device only while sampling
+        try:
+            with self._eval_context():
+                sample_during_training(
+                    family=plan.family, info=plan.model, model=run.models.transformer, ae=ae, encode_fn=encode,
+                    prompts=prompts, output_dir=cfg.saving.output_dir, output_name=cfg.saving.output_name,
+                    epoch=epoch, step=step, device=procs.device, dtype=plan.precision.compute,
+                    mask_text=cfg.flow.apply_t5_attn_mask,
+                    modules=[run.trainable.network, *run.models.text.modules.values()],
+                    tracker=accelerate_image_logger(procs.accelerator) if cfg.logging.log_with else None,
+                    process_index=procs.index, num_processes=procs.count, gather=procs.gather_objects,
+                )
+        finally:
+            ae.to(home)
+
+    def _eval_context(self):
+        """LoRA without dropout, schedule-free averaged weights, no grad; the training RNG left untouched."""
+        import contextlib
+
+        network, optimizer = self.run.trainable.network, self.run.trainable.optimizer
+
+        @contextlib.contextmanager
+        def context():
+            rng = torch.get_rng_state()
+            network.eval()
+            try:
+                with eval_mode(optimizer), torch.no_grad():
+                    yield
+            finally:
+                network.train()
+                torch.set_rng_state(rng)
+
+        return context()
+
+    # ---- outputs ---------------------------------------------------------------------------------------------------
+    def save_lora(self, path: Path, *, epoch: int | None = None, finished: bool = False) -> Path:
+        """The LoRA as it is now (schedule-free: its averaged weights), with the run's metadata; main process only."""
+        run, c = self.run, self.run.counters
+        if not run.processes.is_main:
+            return path
+        from fluxlora.network.saving import save_dtype
+
+        t = run.trainable
+        metadata = lora_metadata(self.plan, run.facts, steps=c.global_step, epoch=epoch or c.epoch,
+                                 network_args=dict(t.network.args.raw), finished=finished)
+        with eval_mode(t.optimizer):
+            t.network.save(path, save_dtype(self.cfg.precision.save_precision), metadata)
+        logger.info("saved %s", path)
+        return path
+
     def _save_checkpoint(self, lora_path: Path, state_dir: Path, *, epoch: int | None = None) -> None:
-        run, c = self.run, self.counters
-        self.result.saved.append(run.save_lora(lora_path, steps=c.global_step, epoch=epoch or c.epoch))
+        self.result.saved.append(self.save_lora(lora_path, epoch=epoch))
         if self.cfg.saving.save_state:
             self._save_state(state_dir)
 
     def _save_state(self, state_dir: Path) -> None:
         """Every process calls this (the RNG states of all are gathered); only the main process writes."""
         run = self.run
-        rng_states = run.gather_rng_states()
-        if not run.is_main:
+        rng_states = run.processes.gather_rng_states()
+        if not run.processes.is_main:
             return
-        save_state(state_dir, network_params=run.network.state_dict(), optimizer=run.optimizer,
-                   scheduler=run.scheduler, counters=self.counters, fingerprint=run.fingerprint, scaler=run.scaler,
-                   rng_states=rng_states)
+        t = run.trainable
+        save_state(state_dir, network_params=t.network.state_dict(), optimizer=t.optimizer, scheduler=t.scheduler,
+                   counters=run.counters, fingerprint=run.fingerprint, scaler=t.scaler, rng_states=rng_states)
         self.result.saved.append(state_dir)
 
+    def _remove_file(self, path: Path) -> None:
+        if self.run.processes.is_main and path.exists():
+            path.unlink()
+            logger.info("removed %s (retention)", path)
+
+    def _remove_dir(self, path: Path) -> None:
+        if self.run.processes.is_main and path.is_dir():
+            # rename first (atomic), then delete: a crash mid-delete never leaves a half-deleted state folder that
+            # still looks complete under its final name
+            doomed = path.with_name(f".{path.name}.removing.tmp")
+            shutil.rmtree(doomed, ignore_errors=True)
+            path.rename(doomed)
+            shutil.rmtree(doomed)
+            logger.info("removed %s (retention)", path)
+
+    def log(self, values: dict[str, float], *, step: int) -> None:
+        if self.cfg.logging.log_with:
+            self.run.processes.accelerator.log(values, step=step)
+
     def _finish(self) -> None:
-        run, cfg, c = self.run, self.cfg, self.counters
-        final = run.save_lora(run.names.last_file(), steps=c.global_step, epoch=c.epoch, finished=True)
+        run, cfg, c = self.run, self.cfg, self.run.counters
+        final = self.save_lora(self.plan.outputs.last_file(), finished=True)
         self.result.final_lora, self.result.global_step = final, c.global_step
         self.result.saved.append(final)
         if cfg.saving.save_state or cfg.saving.save_state_on_train_end:
-            self._save_state(run.names.last_state())
-        if run.is_main and self.result.losses:
+            self._save_state(self.plan.outputs.last_state())
+        if run.processes.is_main and self.result.losses:
             plot_losses(cfg.saving.output_dir / "loss.png", self.result.losses, validation=self.result.validation)
-        run.end()
-        run.accelerator.wait_for_everyone()  # no process leaves before the main one has written everything
+        if cfg.logging.log_with:
+            run.processes.accelerator.end_training()
+        run.processes.wait()  # no process leaves before the main one has written everything
 
-    # ---- signals --------------------------------------------------------------------------------------------------
+    # ---- signals ---------------------------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
         self._previous: dict[int, Any] = {}
 
@@ -317,14 +412,14 @@ class Trainer:
             signal.signal(sig, previous)
 
     def _interrupt(self) -> None:
-        run, c, signum = self.run, self.counters, self.stop_signal or signal.SIGINT
+        c, signum = self.run.counters, self.stop_signal or signal.SIGINT
         if self.cfg.saving.save_state:
-            state = run.names.last_state()
+            state = self.plan.outputs.last_state()
             self._save_state(state)
             how = f"resume with --resume {state}"
         else:
             how = "add --save_state to be able to resume; the LoRA so far is saved"
-        path = run.save_lora(run.names.last_file("-interrupted"), steps=c.global_step, epoch=c.epoch)
+        path = self.save_lora(self.plan.outputs.last_file("-interrupted"))
         raise TrainingInterrupted(
             f"training interrupted by {signal.Signals(signum).name} at step {c.global_step}; saved {path}; {how}",
             signum)
@@ -337,8 +432,4 @@ def _progress(total: int, initial: int, *, enabled: bool) -> Any:
                 mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
-def epochs_for(max_train_steps: int, steps_per_epoch: int) -> int:
-    return max(1, math.ceil(max_train_steps / max(1, steps_per_epoch)))
-
-
-__all__ = ["StepCallback", "Trainer", "TrainResult", "TrainingInterrupted", "epochs_for", "torch"]
+__all__ = ["LossHook", "StepCallback", "Trainer", "TrainResult", "TrainingInterrupted"]

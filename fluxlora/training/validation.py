@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fluxlora import flow
-from fluxlora.training.step import Conditioning, StepOutput, step_generator
+from fluxlora.training.step import StepOutput, step_generator
 
 VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)
 
@@ -54,4 +54,4 @@ def validation_loss(
         total, count = float(summed[0]), int(round(float(summed[1])))
     return total / count if count else float("nan")
 
-__all__ = ["VALIDATION_SIGMAS", "validation_loss", "Conditioning"]
+__all__ = ["VALIDATION_SIGMAS", "validation_loss"]
