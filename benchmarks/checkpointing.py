@@ -41,12 +41,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.step import flow_settings, gemm_rate, random_model  # noqa: E402
-from fluxlora.models import flux as flux_module  # noqa: E402
-from fluxlora.models.flux import FluxParams, checkpointed_positions  # noqa: E402
+from benchmarks.step import Conditioning, flow_settings, gemm_rate, random_model  # noqa: E402
+from fluxlora.families.flux1.family import FLUX1  # noqa: E402
+from fluxlora.families.flux1.shape import flux_shape  # noqa: E402
+from fluxlora.models.flux import FluxParams  # noqa: E402
 from fluxlora.network.lora import create_network  # noqa: E402
+from fluxlora.training import blocks as blocks_module  # noqa: E402
+from fluxlora.training.blocks import apply_block_policy, checkpointed_positions  # noqa: E402
 from fluxlora.training.planner import Workload, estimate  # noqa: E402
-from fluxlora.training.step import Conditioning, step_generator, training_loss  # noqa: E402
+from fluxlora.training.step import step_generator, training_loss  # noqa: E402
 
 PARAMS = FluxParams(depth=2, depth_single_blocks=2)  # width 3072, 24 heads: the real GEMM shapes
 CASES = ("none", "all", "half", "sel-mm", "sel-attn")
@@ -80,17 +83,18 @@ def selective_policy(saved_ops: set[str]):
 
 
 def configure(flux, case: str) -> None:
-    """Set the model (and, for selective cases, the checkpoint function `Flux._run` calls) up for `case`."""
+    """Set the model (and, for selective cases, the checkpoint function `training.blocks` calls) up for `case`."""
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-    flux.gradient_checkpointing = case != "none"
     p = flux.params
     blocks = p.depth + p.depth_single_blocks
-    flux.checkpointed = checkpointed_positions(p.depth, p.depth_single_blocks, blocks // 2) if case == "half" else None
+    chosen = checkpointed_positions(blocks, blocks // 2) if case == "half" else None
+    apply_block_policy(FLUX1.blocks(flux), checkpointed=frozenset() if case == "none" else chosen, offload=False,
+                       device="cpu")
     if case.startswith("sel-"):
         ops = ATTENTION_OPS | (MATMUL_OPS if case == "sel-mm" else set())
         context = functools.partial(create_selective_checkpoint_contexts, selective_policy(ops))
-        flux_module.checkpoint = functools.partial(checkpoint, context_fn=context)
+        blocks_module.checkpoint = functools.partial(checkpoint, context_fn=context)
 
 
 def planner_bytes(case: str, p: FluxParams, resolution: int, text_tokens: int, rank: int) -> int | None:
@@ -99,7 +103,7 @@ def planner_bytes(case: str, p: FluxParams, resolution: int, text_tokens: int, r
         return None
     blocks = p.depth + p.depth_single_blocks
     n = {"none": 0, "all": blocks, "half": blocks // 2}[case]
-    w = Workload(params=p, image_tokens=(resolution // 16) ** 2, text_tokens=text_tokens, weight_dtype=torch.float32,
+    w = Workload(shape=flux_shape(p), image_tokens=(resolution // 16) ** 2, text_tokens=text_tokens, weight_dtype=torch.float32,
                  compute_dtype=None, lora_rank=rank, gradient_checkpointing=n > 0, checkpoint_blocks=n)
     return sum(v for k, v in estimate(w).device.items() if k.startswith("activations"))
 
@@ -139,12 +143,12 @@ def run_one(case: str, args) -> dict:
         before = rss()
         if measure:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = training_loss(flux, latents, cond, settings, generator=step_generator(0, 1, i),
-                                    guidance=p.guidance_embed, compute_dtype=torch.float32,
+                out = training_loss(FLUX1, flux, latents, cond, settings, generator=step_generator(0, 1, i),
+                                    guidance=1.0 if p.guidance_embed else None, compute_dtype=torch.float32,
                                     autocast=lambda: torch.autocast("cpu", enabled=False))
         else:
-            out = training_loss(flux, latents, cond, settings, generator=step_generator(0, 1, i),
-                                guidance=p.guidance_embed, compute_dtype=torch.float32,
+            out = training_loss(FLUX1, flux, latents, cond, settings, generator=step_generator(0, 1, i),
+                                guidance=1.0 if p.guidance_embed else None, compute_dtype=torch.float32,
                                 autocast=lambda: torch.autocast("cpu", enabled=False))
         held = rss() - before
         out.loss.backward()

@@ -26,6 +26,8 @@ from fluxlora.data.latent_cache import build_latent_cache
 from fluxlora.data.loader import make_dataloader
 from fluxlora.data.text_cache import build_text_cache
 
+FLUX1_OUTPUTS = {"clip_pooled": "vector", "t5_out": "sequence", "t5_mask": "mask"}  # FLUX.1's text outputs
+
 
 def write_images(folder: Path, n: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
@@ -84,7 +86,7 @@ def main() -> None:
                                     progress=False)
         disk, _ = build_latent_cache(data.latent_items(), fake_ae, ae_fingerprint="bench", flip_aug=True,
                                      to_disk=True, cache_dir=root / "cache", progress=False)
-        text, _ = build_text_cache(data.text_items(), fake_te, te_fingerprint="bench", t5_max_length=512,
+        text, _ = build_text_cache(data.text_items(), fake_te, te_fingerprint="bench", t5_max_length=512, outputs=FLUX1_OUTPUTS,
                                    apply_t5_attn_mask=False, to_disk=True, cache_dir=root / "cache", progress=False)
         mem_rate = images_per_second(data, args.epochs, latent_cache=mem)
         disk_rate = images_per_second(data, args.epochs, latent_cache=disk)

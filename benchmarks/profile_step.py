@@ -18,10 +18,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from step import FULL, flow_settings, random_model  # noqa: E402
+from step import FULL, Conditioning, flow_settings, random_model  # noqa: E402
 
+from fluxlora.families.flux1.family import FLUX1  # noqa: E402
 from fluxlora.network.lora import create_network  # noqa: E402
-from fluxlora.training.step import Conditioning, step_generator, training_loss  # noqa: E402
+from fluxlora.training.step import step_generator, training_loss  # noqa: E402
 
 
 def main() -> None:
@@ -42,8 +43,8 @@ def main() -> None:
                         torch.ones(1, args.text_tokens, dtype=torch.bool))
 
     def step(i: int) -> None:
-        out = training_loss(flux, latents.to(device), cond, flow_settings(), generator=step_generator(0, 1, i),
-                            guidance=True, compute_dtype=torch.bfloat16,
+        out = training_loss(FLUX1, flux, latents.to(device), cond, flow_settings(), generator=step_generator(0, 1, i),
+                            guidance=1.0, compute_dtype=torch.bfloat16,
                             autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         out.loss.backward()
         optimizer.step()

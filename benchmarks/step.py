@@ -46,11 +46,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fluxlora.families.flux1.family import FLUX1  # noqa: E402
+from fluxlora.families.flux1.shape import flux_shape  # noqa: E402
 from fluxlora.models.flux import Flux, FluxParams  # noqa: E402
 from fluxlora.network.lora import create_network  # noqa: E402
-from fluxlora.training.memory import BlockSwapper, flux_block_sequence, move_except, swapped_positions  # noqa: E402
+from fluxlora.training.blocks import apply_block_policy  # noqa: E402
+from fluxlora.training.memory import BlockSwapper, move_except, swapped_positions  # noqa: E402
 from fluxlora.training.planner import Workload, estimate  # noqa: E402
-from fluxlora.training.step import Conditioning, step_generator, training_loss  # noqa: E402
+from fluxlora.training.step import step_generator, training_loss  # noqa: E402
+
+
+def Conditioning(clip_pooled, t5_out, t5_mask):  # noqa: N802 - FLUX.1's text conditioning of the benchmark batch
+    return {"clip_pooled": clip_pooled, "t5_out": t5_out, "t5_mask": t5_mask}
 
 MEDIUM = FluxParams(depth=1, depth_single_blocks=1)  # width 3072, 24 heads, real GEMM shapes
 FULL = FluxParams()  # FLUX.1-dev: 19 + 38 blocks
@@ -157,10 +164,11 @@ def run_case(flux: Flux, p: FluxParams, case: Case, device: torch.device, *, ste
     dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
     swapper = None
     if case.swap:
-        swapper = BlockSwapper(flux_block_sequence(flux), swapped_positions(flux, case.swap), device)
+        layout = FLUX1.blocks(flux)
+        swapper = BlockSwapper(layout.sequence, swapped_positions(layout, case.swap), device)
         move_except(flux, device, swapper.swapped_parameters())
-        flux.requires_checkpointing = True
-    flux.gradient_checkpointing = case.ckpt
+    apply_block_policy(FLUX1.blocks(flux), checkpointed=None if case.ckpt else frozenset(), offload=False,
+                       device=device)
     network = create_network(1.0, case.rank, case.rank, flux, [], train_text_encoder=False,
                              generator=torch.Generator().manual_seed(0))
     network.apply_to()
@@ -186,8 +194,8 @@ def run_case(flux: Flux, p: FluxParams, case: Case, device: torch.device, *, ste
     for i in range(warmup + steps):
         sync(device)
         t = time.perf_counter()
-        out = training_loss(flux, latents.to(device), cond, settings, generator=step_generator(0, 1, i),
-                            guidance=p.guidance_embed, compute_dtype=dtype, autocast=autocast)
+        out = training_loss(FLUX1, flux, latents.to(device), cond, settings, generator=step_generator(0, 1, i),
+                            guidance=1.0 if p.guidance_embed else None, compute_dtype=dtype, autocast=autocast)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -199,13 +207,12 @@ def run_case(flux: Flux, p: FluxParams, case: Case, device: torch.device, *, ste
     network.remove()
     if swapper is not None:
         swapper.remove(device)
-        flux.requires_checkpointing = False
     if p_gemm is None:
         p_gemm = gemm_rate(p, case.batch * ((case.resolution // 16) ** 2 + case.text_tokens), dtype, device)
     median = statistics.median(times)
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [median] * 9
     flops = step_flops(p, case)
-    workload = Workload(params=p, batch_size=case.batch, image_tokens=(case.resolution // 16) ** 2,
+    workload = Workload(shape=flux_shape(p), batch_size=case.batch, image_tokens=(case.resolution // 16) ** 2,
                         text_tokens=case.text_tokens, weight_dtype=dtype, fp8=case.fp8,
                         compute_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None, lora_rank=case.rank,
                         gradient_checkpointing=case.ckpt, blocks_to_swap=case.swap)
@@ -251,7 +258,7 @@ def swap_check(device: torch.device) -> None:
     """Block swap on the real device: outputs and LoRA gradients with 4 swapped blocks vs none (width 3072)."""
     p = FluxParams(depth=4, depth_single_blocks=6)
     flux = random_model(p, torch.bfloat16, device, seed=3)
-    flux.gradient_checkpointing = True
+    apply_block_policy(FLUX1.blocks(flux), checkpointed=None, offload=False, device=device)
     network = create_network(1.0, 8, 8, flux, [], train_text_encoder=False, generator=torch.Generator().manual_seed(0))
     network.apply_to()
     network.to(device)
@@ -268,8 +275,8 @@ def swap_check(device: torch.device) -> None:
     def once():
         for q in network.parameters():
             q.grad = None
-        out = training_loss(flux, latents.to(device), cond, flow_settings(), generator=step_generator(0, 1, 0),
-                            guidance=True, compute_dtype=torch.bfloat16,
+        out = training_loss(FLUX1, flux, latents.to(device), cond, flow_settings(), generator=step_generator(0, 1, 0),
+                            guidance=1.0, compute_dtype=torch.bfloat16,
                             autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         out.loss.backward()
         return float(out.loss.detach()), [q.grad.float().clone() for q in network.parameters()]
@@ -278,9 +285,8 @@ def swap_check(device: torch.device) -> None:
     _, again = once()  # the same step again without swap: the device's own run-to-run noise
     noise = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(again, ref, strict=False))
     print(f"no-swap repeat: max relative LoRA-grad difference {noise:.2e}", flush=True)
-    swapper = BlockSwapper(flux_block_sequence(flux), swapped_positions(flux, 4), device)
+    swapper = BlockSwapper(FLUX1.blocks(flux).sequence, swapped_positions(FLUX1.blocks(flux), 4), device)
     move_except(flux, device, swapper.swapped_parameters())
-    flux.requires_checkpointing = True
     results = [once() for _ in range(2)]
     for loss, grads in results:
         worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(grads, ref, strict=False))

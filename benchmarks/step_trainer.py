@@ -100,9 +100,7 @@ class GemmProbe:
     def __call__(self, run, global_step: int) -> None:
         if self.first_step_done_at is None:
             self.first_step_done_at = time.perf_counter()
-            from fluxlora.training.planner import workload_for
-
-            plan = estimate(workload_for(run.cfg, run.pre.flux_info, run.pre.blueprint, run.pre.t5_max_length))
+            plan = estimate(run.plan.workload)
             self.planner = {"device_peak": plan.device_peak, "host_peak": plan.host_peak, "cpu_peak": plan.cpu_peak,
                             "runtime": plan.host["runtime"]}
         if global_step >= self.first_step:

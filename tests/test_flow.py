@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
-from fluxlora.errors import ConfigError
 from fluxlora import flow
+from fluxlora.errors import ConfigError
 
 N = 20_000  # KS critical value at p=0.01 is ~0.0115 for this many samples
 P_MIN = 0.01

@@ -220,9 +220,9 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch["alpha_masks"] = None
     if "text" in samples[0]:
         texts = [s["text"] for s in samples]
-        # the model family's text outputs: vectors [D] are stacked, sequences [L, D] and masks [L] padded
-        batch["text"] = {name: torch.stack([t[name] for t in texts]) if value.ndim == 1
-                         else _pad_stack([t[name] for t in texts]) for name, value in texts[0].items()}
+        # the model family's text outputs: sequences [L, D] and masks [L] padded to the longest L (vectors [D]
+        # all have one length, so padding stacks them)
+        batch["text"] = {name: _pad_stack([t[name] for t in texts]) for name in texts[0]}
     return batch
 
 

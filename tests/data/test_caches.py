@@ -28,6 +28,8 @@ from fluxlora.data.caches import (
 from fluxlora.data.images import load_image
 from fluxlora.errors import CacheError
 
+FLUX1_OUTPUTS = {"clip_pooled": "vector", "t5_out": "sequence", "t5_mask": "mask"}  # FLUX.1's text outputs
+
 
 class FakeAE:
     """Average-pools 8×8 and repeats to 16 channels; records the shape of every batch."""
@@ -257,7 +259,7 @@ class FakeTE:
 def text_build(items, te=None, length=16, **kw):
     te = te or FakeTE()
     te.length = length
-    args = dict(te_fingerprint=("clip-1", "t5-1"), t5_max_length=length, apply_t5_attn_mask=False, batch_size=2,
+    args = dict(te_fingerprint=("clip-1", "t5-1"), t5_max_length=length, apply_t5_attn_mask=False, batch_size=2, outputs=FLUX1_OUTPUTS,
                 to_disk=True, progress=False)
     args.update(kw)
     return build_text_cache(items, te, **args)
@@ -323,7 +325,7 @@ def test_text_cache_rejects_bad_encoder_output(text_items):
                 "t5_mask": torch.zeros(len(captions), 5)}
 
     with pytest.raises(CacheError):
-        build_text_cache(text_items, wrong, te_fingerprint="x", t5_max_length=16, apply_t5_attn_mask=False,
+        build_text_cache(text_items, wrong, te_fingerprint="x", t5_max_length=16, apply_t5_attn_mask=False, outputs=FLUX1_OUTPUTS,
                          progress=False)
 
     def nan(captions):
@@ -334,7 +336,7 @@ def test_text_cache_rejects_bad_encoder_output(text_items):
         return result
 
     with pytest.raises(CacheError) as err:
-        build_text_cache(text_items, nan, te_fingerprint="x", t5_max_length=16, apply_t5_attn_mask=False,
+        build_text_cache(text_items, nan, te_fingerprint="x", t5_max_length=16, apply_t5_attn_mask=False, outputs=FLUX1_OUTPUTS,
                          progress=False)
     assert "a cat" in str(err.value) and str(text_items[0].path) in str(err.value)
 

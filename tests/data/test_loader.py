@@ -15,6 +15,8 @@ from fluxlora.config.dataset import DatasetDefaults, load_dataset_config
 from fluxlora.data.datasets import TrainingData, build_training_data
 from fluxlora.data.loader import StepClock, collate_batch, make_dataloader, set_epoch
 
+FLUX1_OUTPUTS = {"clip_pooled": "vector", "t5_out": "sequence", "t5_mask": "mask"}  # FLUX.1's text outputs
+
 SMALL = """
 [general]
 resolution = 64
@@ -233,7 +235,7 @@ def test_real_caches_match_the_uncached_path(tmp_path: Path) -> None:
 
     items = data.text_items()
     assert {i.caption for i in items} == {"a photo of " + c for c in ("x", "y, z", "w", "v", "u")}
-    text, _ = build_text_cache(items, encode_text, te_fingerprint="fake", t5_max_length=8,
+    text, _ = build_text_cache(items, encode_text, te_fingerprint="fake", t5_max_length=8, outputs=FLUX1_OUTPUTS,
                                apply_t5_attn_mask=False, progress=False)
     uncached = collect(make_dataloader(data, 1, seed=9))
     cached = collect(make_dataloader(data, 1, seed=9, latent_cache=latents, text_cache=text))

@@ -15,18 +15,17 @@ from fluxlora.training.trainer import Trainer
 
 
 def main(argv: list[str]) -> int:
-    prepared = prepare(argv, configure_logging=True)  # a command-line process, like flux_train_network.py
-    assert prepared is not None
-    cfg, pre = prepared
-    cfg.saving.output_dir.mkdir(parents=True, exist_ok=True)
-    run = build_run(cfg, pre)
+    plan = prepare(argv, configure_logging=True)  # a command-line process, like flux_train_network.py
+    assert plan is not None
+    plan.cfg.saving.output_dir.mkdir(parents=True, exist_ok=True)
+    run = build_run(plan)
     result = Trainer(run).train()
-    index = run.accelerator.process_index
-    out = Path(cfg.saving.output_dir)
-    save_file({k: v.detach().float().contiguous() for k, v in run.network.state_dict().items()},
+    index = run.processes.index
+    out = Path(plan.cfg.saving.output_dir)
+    save_file({k: v.detach().float().contiguous() for k, v in run.trainable.network.state_dict().items()},
               str(out / f"process{index}.safetensors"))
     (out / f"process{index}.json").write_text(json.dumps(
-        {"losses": result.losses, "validation": result.validation, "num_processes": run.num_processes}))
+        {"losses": result.losses, "validation": result.validation, "num_processes": run.processes.count}))
     return 0
 
 

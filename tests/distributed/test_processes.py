@@ -15,7 +15,7 @@ from ddp_launch import write_dataset
 from fluxlora.config.dataset import DatasetDefaults, load_dataset_config
 from fluxlora.data.datasets import build_training_data
 from fluxlora.data.loader import make_dataloader
-from fluxlora.training.run import Run
+from fluxlora.training.processes import Processes
 from fluxlora.training.state import TrainCounters, capture_rng, load_state, restore_rng, save_state
 from fluxlora.training.validation import validation_loss
 
@@ -105,18 +105,14 @@ def test_validation_is_sharded_without_padding_and_sums_to_the_single_process_me
 class _TwoProcessReduce:
     """accelerator.reduce(t, "mean") for this process, given the other process's tensor."""
 
+    num_processes = 2
+
     def __init__(self, other: torch.Tensor):
         self.other = other
 
     def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
         assert reduction == "mean"
         return (tensor + self.other) / 2
-
-
-def _fake_run(params: list[torch.nn.Parameter], other: torch.Tensor, bucket_view: bool):
-    network = SimpleNamespace(parameters=lambda: iter(params))
-    cfg = SimpleNamespace(memory=SimpleNamespace(ddp_gradient_as_bucket_view=bucket_view))
-    return SimpleNamespace(network=network, accelerator=_TwoProcessReduce(other), cfg=cfg)
 
 
 def test_gradient_average_is_one_flat_mean_with_missing_grads_as_zeros() -> None:
@@ -126,7 +122,8 @@ def test_gradient_average_is_one_flat_mean_with_missing_grads_as_zeros() -> None
         a.grad = torch.arange(6.0).view(2, 3)
         b.grad = None  # unused on this process (e.g. a module its batch never reached)
         other = torch.cat([torch.full((6,), 2.0), torch.tensor([1.0, 2.0, 3.0, 4.0])])  # the other process
-        Run.average_gradients(_fake_run([a, b, frozen], other, bucket_view))
+        trainable = [p for p in (a, b, frozen) if p.requires_grad]  # what the step passes: `Trainable.params`
+        Processes(_TwoProcessReduce(other), gradient_as_bucket_view=bucket_view).average_gradients(trainable)
         assert torch.equal(a.grad, (torch.arange(6.0).view(2, 3) + 2.0) / 2)
         assert torch.equal(b.grad, torch.tensor([0.5, 1.0, 1.5, 2.0]))
         assert frozen.grad is None

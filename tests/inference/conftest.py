@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from fluxlora.families.base import ModelInfo
+from fluxlora.families.flux1.family import FLUX1
 from fluxlora.models.autoencoder import AutoEncoder, load_ae
 from fluxlora.models.flux import Flux
 from fluxlora.models.flux_loading import load_flux
@@ -22,6 +24,7 @@ class TinyModels:
     clip: nn.Module
     t5: nn.Module
     tokenizers: FluxTokenizers
+    info: dict[str, ModelInfo]  # "dev" / "schnell", as the FLUX.1 family inspects the files
 
     def encode_fn(self, variant: str, *, apply_t5_attn_mask: bool = False, t5_max_length: int | None = None):
         length = t5_max_length or t5_max_length_for(variant)
@@ -43,4 +46,5 @@ def tiny_models(tiny_ckpts) -> TinyModels:
         clip=load_clip_l(tiny_ckpts.clip_l, dtype=torch.float32),
         t5=load_t5xxl(tiny_ckpts.t5xxl, dtype=torch.float32),
         tokenizers=load_tokenizers(),
+        info={v: FLUX1.inspect(getattr(tiny_ckpts, f"flux_{v}"), flag="--ckpt_path") for v in ("dev", "schnell")},
     )

@@ -12,6 +12,7 @@ from PIL import Image
 
 from fluxlora.cli import main as cli_main
 from fluxlora.errors import CheckpointError, ConfigError
+from fluxlora.families.flux1.family import FLUX1
 from fluxlora.files import save_safetensors
 from fluxlora.inference.generate import (
     Generator,
@@ -28,7 +29,6 @@ from fluxlora.inference.sampler import (
     encode_texts,
     flux_schedule,
     generate_images,
-    packed_noise,
 )
 from fluxlora.network.formats import from_kohya
 from fluxlora.network.lora import create_network
@@ -47,10 +47,10 @@ def _float_image(gen: Generator, prompt: SamplePrompt) -> torch.Tensor:
     """The image before 8-bit rounding, through the generator's own models and encoder."""
     cond = encode_texts(gen.encode_fn, [prompt.prompt])[prompt.prompt]
     seq_len = (prompt.height // 16) * (prompt.width // 16)
-    x = denoise(gen.flux, packed_noise(prompt.seed, prompt.height, prompt.width),
+    x = denoise(gen.family, gen.model, gen.family.initial_noise(prompt.seed, prompt.height, prompt.width),
                 flux_schedule(prompt.steps, seq_len, shift=gen.variant == "dev"), cond,
-                height=prompt.height, width=prompt.width, guidance=prompt.guidance)
-    return decode_latents(gen.ae, x, prompt.height, prompt.width)
+                guidance=prompt.guidance if gen.variant == "dev" else None)
+    return decode_latents(gen.ae, x)
 
 
 PROMPT = SamplePrompt("a photo of a cat", width=32, height=32, seed=11, steps=2)
@@ -95,9 +95,10 @@ def test_cli_writes_a_png_with_its_settings(tiny_ckpts, tiny_models, tmp_path):
     assert (text["prompt"], text["seed"], text["steps"], text["guidance"]) == ("a red car", "5", "2", "2.5")
     assert text["width"] == "48" and text["model"] == "flux1-dev.safetensors" and "Seed: 5" in text["parameters"]
     # the same image as the library call with the same settings
-    (expected,) = generate_images(tiny_models.flux["dev"], tiny_models.ae, tiny_models.encode_fn("dev"),
+    (expected,) = generate_images(FLUX1, tiny_models.info["dev"], tiny_models.flux["dev"], tiny_models.ae,
+                                  tiny_models.encode_fn("dev"),
                                   [SamplePrompt("a red car", width=48, height=32, seed=5, steps=2, guidance=2.5)],
-                                  variant="dev", device="cpu")
+                                  device="cpu")
     assert np.array_equal(pixels, np.asarray(expected))
 
 
@@ -147,9 +148,9 @@ def test_offload_gives_the_same_image(tiny_ckpts, tmp_path):
 def test_fp8_transformer_runs_close_to_fp32(tiny_ckpts):
     reference = _float_image(_generator(tiny_ckpts), PROMPT)
     fp8 = _generator(tiny_ckpts, "--flux_dtype", "fp8")
-    assert fp8.flux.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    assert fp8.model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
     assert fp8.compute_dtype == torch.bfloat16
-    image = generate_images(fp8.flux, fp8.ae, fp8.encode_fn, [PROMPT], variant="dev", device="cpu",
+    image = generate_images(fp8.family, fp8.info, fp8.model, fp8.ae, fp8.encode_fn, [PROMPT], device="cpu",
                             dtype=fp8.compute_dtype)[0]
     got = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 127.5 - 1
     corr = torch.corrcoef(torch.stack([got.flatten(), reference[0].flatten()]))[0, 1]
@@ -236,7 +237,7 @@ def test_lora_spec():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--model_type", "chroma"], "only FLUX.1"),
+    (["--model_type", "sd3"], "--model_type sd3: not a known model type"),
     (["--dtype", "int8"], "--dtype 'int8': unknown dtype"),
     (["--width", "0"], "--width 0: must be positive"),
     (["--steps", "0"], "--steps 0"),

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from fluxlora.errors import ConfigError
+from fluxlora.families.flux1.family import FLUX1
 from fluxlora.inference.prompts import SamplePrompt
 from fluxlora.inference.sampler import (
     decode_latents,
@@ -61,9 +62,10 @@ def _ours(models, variant: str, prompt: SamplePrompt, *, mask: bool = False) -> 
     cond = encode_texts(models.encode_fn(variant, apply_t5_attn_mask=mask), [prompt.prompt, prompt.negative_prompt])
     sigmas = flux_schedule(prompt.steps, SEQ_LEN, shift=variant == "dev")
     negative = cond[prompt.negative_prompt] if prompt.cfg_scale != 1.0 else None
-    x = denoise(flux, packed_noise(prompt.seed, H, W), sigmas, cond[prompt.prompt], height=H, width=W,
-                guidance=prompt.guidance, negative=negative, cfg_scale=prompt.cfg_scale, apply_t5_attn_mask=mask)
-    return (decode_latents(models.ae, x, H, W) + 1) / 2
+    x = denoise(FLUX1, flux, FLUX1.initial_noise(prompt.seed, H, W), sigmas, cond[prompt.prompt],
+                guidance=prompt.guidance if variant == "dev" else None, negative=negative, cfg_scale=prompt.cfg_scale,
+                mask_text=mask)
+    return (decode_latents(models.ae, x) + 1) / 2
 
 
 def _reference(models, variant: str, prompt: SamplePrompt) -> np.ndarray:
@@ -108,21 +110,20 @@ def test_generate_images_rounds_the_reference_and_records_settings(tiny_models):
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    (image,) = generate_images(tiny_models.flux["schnell"], tiny_models.ae, tiny_models.encode_fn("schnell"), [prompt],
-                               variant="schnell", device="cpu")
+    (image,) = generate_images(FLUX1, tiny_models.info["schnell"], tiny_models.flux["schnell"], tiny_models.ae,
+                               tiny_models.encode_fn("schnell"), [prompt], device="cpu")
     assert torch.equal(torch.rand(3), expected_next)  # the global RNG was not touched
     assert isinstance(image, Image.Image) and image.size == (W, H) and image.mode == "RGB"
     assert np.abs(np.asarray(image).astype(np.float64) - ref * 255).max() <= 0.5 + 255e-4
-    assert image.info["seed"] == "7" and image.info["steps"] == "3" and image.info["schedule_shift"] == "none"
+    assert image.info["seed"] == "7" and image.info["steps"] == "3" and image.info["variant"] == "schnell"
 
 
 def test_random_seed_is_recorded_and_reproduces_the_image(tiny_models):
-    args = dict(variant="dev", device="cpu")
-    (first,) = generate_images(tiny_models.flux["dev"], tiny_models.ae, tiny_models.encode_fn("dev"),
-                               [SamplePrompt("a tree", width=32, height=32, steps=1)], **args)
+    models = (FLUX1, tiny_models.info["dev"], tiny_models.flux["dev"], tiny_models.ae, tiny_models.encode_fn("dev"))
+    (first,) = generate_images(*models, [SamplePrompt("a tree", width=32, height=32, steps=1)], device="cpu")
     seed = int(first.info["seed"])
-    (again,) = generate_images(tiny_models.flux["dev"], tiny_models.ae, tiny_models.encode_fn("dev"),
-                               [SamplePrompt("a tree", width=32, height=32, steps=1, seed=seed)], **args)
+    (again,) = generate_images(*models, [SamplePrompt("a tree", width=32, height=32, steps=1, seed=seed)],
+                               device="cpu")
     assert np.array_equal(np.asarray(first), np.asarray(again))
 
 
@@ -168,10 +169,10 @@ class _LinearFlow(torch.nn.Module):
 
 def test_euler_steps_by_hand():
     model = _LinearFlow(k=0.5)
-    x0 = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(0))
+    x0 = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0))  # 32 × 48 pixels
     sigmas = torch.tensor([1.0, 0.6, 0.2, 0.0])
     cond = {"clip_pooled": torch.zeros(1, 4), "t5_out": torch.zeros(1, 5, 8), "t5_mask": torch.ones(1, 5, dtype=torch.bool)}
-    out = denoise(model, x0, sigmas, cond, height=32, width=48, guidance=4.0)
+    out = denoise(FLUX1, model, x0, sigmas, cond, guidance=4.0)
     factor = (1 - 0.5 * 0.4) * (1 - 0.5 * 0.4) * (1 - 0.5 * 0.2)
     assert torch.allclose(out, x0 * factor, atol=1e-6)
     assert [c["t"].tolist() for c in model.calls] == [[1.0], [pytest.approx(0.6)], [pytest.approx(0.2)]]
@@ -191,10 +192,10 @@ def test_cfg_combination_by_hand():
 
     cond = {"clip_pooled": torch.tensor([[3.0]]), "t5_out": torch.zeros(1, 2, 4), "t5_mask": torch.ones(1, 2)}
     neg = {"clip_pooled": torch.tensor([[1.0]]), "t5_out": torch.zeros(1, 2, 4), "t5_mask": torch.ones(1, 2)}
-    out = denoise(Split(), torch.zeros(1, 1, 64), torch.tensor([1.0, 0.0]), cond, height=16, width=16, guidance=1.0,
+    out = denoise(FLUX1, Split(), torch.zeros(1, 16, 2, 2), torch.tensor([1.0, 0.0]), cond, guidance=1.0,
                   negative=neg, cfg_scale=4.0)
     # v = v_neg + s·(v_pos − v_neg) = 1 + 4·2 = 9; one step of dt = −1
-    assert torch.allclose(out, torch.full((1, 1, 64), -9.0))
+    assert torch.allclose(out, torch.full((1, 16, 2, 2), -9.0))
 
 
 def test_packed_noise_is_seeded_fp32_and_leaves_the_global_rng_alone():
@@ -216,10 +217,9 @@ def test_t5_mask_equals_running_without_the_padding(tiny_models):
     outs = []
     for mask, length in ((True, 512), (False, n_real)):
         cond = encode_texts(tiny_models.encode_fn("dev", apply_t5_attn_mask=mask, t5_max_length=length), [text])[text]
-        outs.append(denoise(flux, packed_noise(1, 32, 32), sigmas, cond, height=32, width=32, guidance=3.5,
-                            apply_t5_attn_mask=mask))
+        outs.append(denoise(FLUX1, flux, FLUX1.initial_noise(1, 32, 32), sigmas, cond, guidance=3.5, mask_text=mask))
     unmasked = encode_texts(tiny_models.encode_fn("dev"), [text])[text]
-    plain = denoise(flux, packed_noise(1, 32, 32), sigmas, unmasked, height=32, width=32, guidance=3.5)
+    plain = denoise(FLUX1, flux, FLUX1.initial_noise(1, 32, 32), sigmas, unmasked, guidance=3.5)
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     assert not torch.allclose(outs[0], plain, atol=1e-3)  # the mask matters
 
@@ -235,8 +235,9 @@ def test_nan_text_embedding_is_a_clear_error():
 
 def test_sizes_must_be_multiples_of_16(tiny_models):
     with pytest.raises(ConfigError, match="multiple of 16"):
-        generate_images(tiny_models.flux["dev"], tiny_models.ae, tiny_models.encode_fn("dev"),
-                        [SamplePrompt("x", width=40, height=32, seed=1, steps=1)], variant="dev", device="cpu")
+        generate_images(FLUX1, tiny_models.info["dev"], tiny_models.flux["dev"], tiny_models.ae,
+                        tiny_models.encode_fn("dev"), [SamplePrompt("x", width=40, height=32, seed=1, steps=1)],
+                        device="cpu")
 
 
 def test_png_text_chunks_round_trip(tmp_path):

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from fluxlora.families.flux1.family import FLUX1
+from fluxlora.flow import image_ids, text_ids
 from fluxlora.inference.prompts import SamplePrompt
 from fluxlora.inference.sampler import generate_images
 from fluxlora.inference.training_samples import (
@@ -25,7 +27,6 @@ from fluxlora.inference.training_samples import (
 )
 from fluxlora.models.flux_loading import load_flux
 from fluxlora.network.lora import create_network
-from fluxlora.flow import image_ids, text_ids
 
 NOW = datetime(2025, 3, 4, 5, 6, 7)
 PROMPTS = [SamplePrompt("a cat", width=32, height=32, seed=1, steps=2),
@@ -66,13 +67,14 @@ def test_file_names_follow_sd_scripts(name, step, epoch, expected):
 def test_sample_event_writes_images_grid_and_logs(tiny_models, tmp_path):
     logged = []
     paths = sample_during_training(
-        flux=tiny_models.flux["dev"], ae=tiny_models.ae, encode_fn=tiny_models.encode_fn("dev"), prompts=PROMPTS,
-        output_dir=tmp_path, output_name="run", step=7, epoch=None, variant="dev", device="cpu", now=NOW,
+        family=FLUX1, info=tiny_models.info["dev"], model=tiny_models.flux["dev"], ae=tiny_models.ae,
+        encode_fn=tiny_models.encode_fn("dev"), prompts=PROMPTS, output_dir=tmp_path, output_name="run", step=7,
+        epoch=None, device="cpu", now=NOW,
         tracker=lambda images, step: logged.append((dict(images), step)))
     assert [p.name for p in paths] == ["run_000007_00_20250304050607_1.png", "run_000007_01_20250304050607_2.png",
                                        "run_000007_20250304050607_grid.png"]
-    expected = generate_images(tiny_models.flux["dev"], tiny_models.ae, tiny_models.encode_fn("dev"), PROMPTS,
-                               variant="dev", device="cpu")
+    expected = generate_images(FLUX1, tiny_models.info["dev"], tiny_models.flux["dev"], tiny_models.ae,
+                               tiny_models.encode_fn("dev"), PROMPTS, device="cpu")
     for path, image in zip(paths[:2], expected, strict=True):
         with Image.open(path) as written:
             assert np.array_equal(np.asarray(written), np.asarray(image))
@@ -86,8 +88,9 @@ def test_sample_event_writes_images_grid_and_logs(tiny_models, tmp_path):
 def test_prompts_are_shared_round_robin_between_processes(tiny_models, tmp_path):
     prompts = PROMPTS + [SamplePrompt("a bird", width=32, height=32, seed=3, steps=1)]
     paths = sample_during_training(
-        flux=tiny_models.flux["schnell"], ae=tiny_models.ae, encode_fn=tiny_models.encode_fn("schnell"),
-        prompts=prompts, output_dir=tmp_path, output_name=None, step=0, epoch=0, variant="schnell", device="cpu",
+        family=FLUX1, info=tiny_models.info["schnell"], model=tiny_models.flux["schnell"], ae=tiny_models.ae,
+        encode_fn=tiny_models.encode_fn("schnell"), prompts=prompts, output_dir=tmp_path, output_name=None, step=0,
+        epoch=0, device="cpu",
         process_index=1, num_processes=2, now=NOW)
     assert [p.name for p in paths] == ["e000000_01_20250304050607_2.png", "e000000_20250304050607_grid_rank1.png"]
 
@@ -151,16 +154,17 @@ def _train(ckpts, *, sample: bool, tmp_path) -> tuple[list[float], dict[str, tor
         optimizer.zero_grad()
         losses.append(loss.item())
         if sample:
-            sample_during_training(flux=flux, ae=ckpts.ae_model, encode_fn=ckpts.encode, prompts=PROMPTS[:1],
-                                   output_dir=tmp_path, output_name=None, step=step, epoch=None, variant="dev",
-                                   device="cpu", modules=[network], now=NOW)
+            sample_during_training(family=FLUX1, info=ckpts.info, model=flux, ae=ckpts.ae_model,
+                                   encode_fn=ckpts.encode, prompts=PROMPTS[:1], output_dir=tmp_path,
+                                   output_name=None, step=step, epoch=None, device="cpu", modules=[network], now=NOW)
             assert torch.is_grad_enabled()
     modes = [m.training for m in [*flux.modules(), *network.modules()]]
     return losses, {k: v.clone() for k, v in network.state_dict().items()}, [random.random(), float(np.random.rand())] + modes
 
 
 def test_sampling_does_not_change_the_training_trajectory(tiny_ckpts, tiny_models, tmp_path):
-    ckpts = SimpleNamespace(flux_dev=tiny_ckpts.flux_dev, ae_model=tiny_models.ae, encode=tiny_models.encode_fn("dev"))
+    ckpts = SimpleNamespace(flux_dev=tiny_ckpts.flux_dev, ae_model=tiny_models.ae, encode=tiny_models.encode_fn("dev"),
+                            info=tiny_models.info["dev"])
     losses_a, weights_a, tail_a = _train(ckpts, sample=False, tmp_path=tmp_path)
     losses_b, weights_b, tail_b = _train(ckpts, sample=True, tmp_path=tmp_path)
     assert len(list(tmp_path.glob("sample/*.png"))) == 6  # 3 events × (1 image + grid)
@@ -172,8 +176,9 @@ def test_sampling_does_not_change_the_training_trajectory(tiny_ckpts, tiny_model
 
 def test_with_gather_only_the_main_process_writes_every_prompt(tiny_models, tmp_path):
     prompts = PROMPTS + [SamplePrompt("a bird", width=32, height=32, seed=3, steps=1)]
-    common = dict(flux=tiny_models.flux["schnell"], ae=tiny_models.ae, encode_fn=tiny_models.encode_fn("schnell"),
-                  prompts=prompts, output_dir=tmp_path, output_name=None, step=0, epoch=0, variant="schnell",
+    common = dict(family=FLUX1, info=tiny_models.info["schnell"], model=tiny_models.flux["schnell"], ae=tiny_models.ae,
+                  encode_fn=tiny_models.encode_fn("schnell"), prompts=prompts, output_dir=tmp_path, output_name=None,
+                  step=0, epoch=0,
                   device="cpu", num_processes=2, now=NOW)
     shares: list = []
     # Process 1 generates its share and hands it over; it writes nothing.
@@ -200,8 +205,9 @@ def test_prompts_encoded_up_front_give_the_same_images_as_live_encoders(tiny_mod
     assert calls == [mine] and sorted(encoded.conds) == sorted(mine)
     assert all(t.device.type == "cpu" for c in encoded.conds.values() for t in c.values())
     assert list(encoded.prompts) == prompts
-    common = dict(flux=tiny_models.flux["dev"], ae=tiny_models.ae, prompts=prompts, output_name="run", step=3,
-                  epoch=None, variant="dev", device="cpu", now=NOW, process_index=process_index, num_processes=2)
+    common = dict(family=FLUX1, info=tiny_models.info["dev"], model=tiny_models.flux["dev"], ae=tiny_models.ae,
+                  prompts=prompts, output_name="run", step=3, epoch=None, device="cpu", now=NOW,
+                  process_index=process_index, num_processes=2)
     live = sample_during_training(encode_fn=tiny_models.encode_fn("dev"), output_dir=tmp_path / "live", **common)
     cached = sample_during_training(encode_fn=encoded.encode, output_dir=tmp_path / "cached", **common)
     assert [p.name for p in live] == [p.name for p in cached] and len(live) == {0: 3, 1: 2}[process_index]

@@ -11,8 +11,10 @@ from network_helpers import flux_inputs, randomize_lora_, small_flux, tiny_clip,
 from torch import nn
 
 from fluxlora.errors import ConfigError
+from fluxlora.families.flux1.family import FLUX1
 from fluxlora.models.flux import Flux, FluxParams
 from fluxlora.network.lora import LoRAModule, create_network
+from fluxlora.training.blocks import apply_block_policy
 
 DOUBLE_LAYERS = ("img_mod_lin", "img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2",
                  "txt_mod_lin", "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2")
@@ -236,7 +238,8 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_every_random_regul
     for checkpointing in (False, True):
         flux = small_flux().train()
         flux.requires_grad_(False)
-        flux.gradient_checkpointing = checkpointing
+        apply_block_policy(FLUX1.blocks(flux), checkpointed=None if checkpointing else frozenset(), offload=False,
+                           device="cpu")
         network = create_network(1, 4, 1, flux, [], network_args=args, neuron_dropout=0.2,
                                  generator=torch.Generator().manual_seed(0))
         randomize_lora_(network)

@@ -8,7 +8,7 @@ what they left on disk with the same readers a user's next run would use.
 
 Jobs ("mode"):
   kill    SIGKILL `kills` children at seeded random moments after each reported its first step (saves are slowed
-          with the FLUXLORA_FAULT hook so most kills land inside a save); before each life the run resumes from
+          with the `slow_write` fault (tests/reliability/faults.py) so most kills land inside a save); before each life the run resumes from
           the newest complete state. After every kill: every file with a final name must load, and the newest
           complete state must be at least as new as before the kill and load. Then one last child finishes the
           run, and a reference child trains the same run without interruption.
@@ -31,17 +31,16 @@ STEP_FILE = "step.txt"
 
 
 def _child(argv: list[str], fault: str, log: Path) -> int:
-    """Fork a child running the trainer's main(argv) with `fault` as FLUXLORA_FAULT; return its pid."""
+    """Fork a child running the trainer's command line on `argv` with the faults of `fault` injected; its pid."""
     pid = os.fork()
     if pid == 0:  # child
         try:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
-            os.environ["FLUXLORA_FAULT"] = fault
-            from fluxlora.training.cli import main
+            from faults import train_main
 
-            code = main(argv)
+            code = train_main(argv, fault)
         except BaseException:  # noqa: BLE001 - the exit code carries the failure to the parent
             import traceback
 
@@ -191,9 +190,9 @@ def main() -> None:
 
     # Warm-up: load the models once here (no autograd: forking stays safe), so every lazy import of the load
     # path (transformers' encoders, accelerate, schedulers) is done once and shared by all children.
-    prepared = prepare(list(job["argv"] if "argv" in job else job["cases"][0]["argv"]))
-    assert prepared is not None
-    build_run(*prepared)
+    plan = prepare(list(job["argv"] if "argv" in job else job["cases"][0]["argv"]))
+    assert plan is not None
+    build_run(plan)
 
     result = kill_job(job) if job["mode"] == "kill" else [signal_job(case) for case in job["cases"]]
     Path(sys.argv[2]).write_text(json.dumps(result, indent=1))

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import ENV, Faults
 from safetensors.torch import load_file
 
+from fluxlora import files
 from fluxlora.errors import FluxLoraError
 from fluxlora.training.cli import train
-from fluxlora.training.faults import ENV
 from fluxlora.training.state import load_state
 
 HARNESS = Path(__file__).with_name("reliability_harness.py")
@@ -76,18 +77,15 @@ def test_full_disk_keeps_previous_files_and_stops_with_a_clear_message(argv_for,
     out = tmp_path / "out"
     argv = argv_for("--max_train_steps=3", "--save_every_n_steps=1", "--save_state", out=out)
     # step 1 saves normally, then the disk "fills": the write of `failing` at step 2 fails half-way
-    from fluxlora.training import faults
-
-    real_on_write = faults.on_write
+    full = Faults(f"disk_full={failing}")
     seen: list[str] = []
 
     def on_write(path, handle):
         seen.append(path.name)
         if path.name == failing and any(n.startswith("lora-step00000002") for n in seen):
-            monkeypatch.setenv(ENV, f"disk_full={failing}")
-        real_on_write(path, handle)
+            full.write(path, handle)
 
-    monkeypatch.setattr(faults, "on_write", on_write)
+    monkeypatch.setattr(files, "WRITE_HOOKS", [on_write])
     with pytest.raises(FluxLoraError) as info:
         train(argv)
     message = str(info.value)

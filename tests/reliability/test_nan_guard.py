@@ -7,11 +7,11 @@ import logging
 
 import pytest
 import torch
+from faults import Faults
 from safetensors.torch import load_file
 
 from fluxlora.errors import TrainingError
 from fluxlora.training.cli import train
-from fluxlora.training.faults import ENV
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -27,12 +27,12 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_one_nan_step_is_skipped_and_logged_with_images(argv_for, tmp_path, monkeypatch):
-    monkeypatch.setenv(ENV, "nan_loss=2")
+def test_one_nan_step_is_skipped_and_logged_with_images(argv_for, tmp_path):
     records = _Records()  # on the trainer's logger itself: the CLI reconfigures the root logger's handlers
     logging.getLogger("fluxlora.training.trainer").addHandler(records)
     try:
-        result = train(argv_for("--max_train_steps=3", "--save_every_n_steps=1", out=tmp_path / "out"))
+        result = train(argv_for("--max_train_steps=3", "--save_every_n_steps=1", out=tmp_path / "out"),
+                       loss_hook=Faults("nan_loss=2").loss)
     finally:
         logging.getLogger("fluxlora.training.trainer").removeHandler(records)
     # the skipped attempt is not a step: still 3 optimizer steps, all with finite losses
@@ -44,11 +44,11 @@ def test_one_nan_step_is_skipped_and_logged_with_images(argv_for, tmp_path, monk
     assert "step 2" in warning and "skipped" in warning and ".png" in warning
 
 
-def test_consecutive_nans_stop_and_keep_the_last_good_lora(argv_for, tmp_path, monkeypatch):
+def test_consecutive_nans_stop_and_keep_the_last_good_lora(argv_for, tmp_path):
     out = tmp_path / "out"
-    monkeypatch.setenv(ENV, "nan_loss=3-20")
     with pytest.raises(TrainingError) as info:
-        train(argv_for("--max_train_steps=10", "--save_every_n_steps=1", "--max_nan_steps=3", out=out))
+        train(argv_for("--max_train_steps=10", "--save_every_n_steps=1", "--max_nan_steps=3", out=out),
+              loss_hook=Faults("nan_loss=3-20").loss)
     message = str(info.value)
     assert "3 optimizer steps in a row" in message and "stopped at step 2" in message
     assert info.value.key == "--max_nan_steps"

@@ -11,22 +11,17 @@ from safetensors.torch import load_file
 
 from fluxlora.config.train_config import parse_train_config
 from fluxlora.errors import ConfigError
+from fluxlora.families.flux1.shape import ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH, flux_shape
 from fluxlora.models.flux import FluxParams
+from fluxlora.training.blocks import policy_of
 from fluxlora.training.cli import check_main, train
 from fluxlora.training.memory import swap_split
-from fluxlora.training.planner import (
-    ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH,
-    BACKWARD_BLOCKS,
-    Workload,
-    estimate,
-    fits_advice,
-    resolve_checkpoint_blocks,
-)
-from fluxlora.training.preflight import run_preflight
+from fluxlora.training.plan import build_plan
+from fluxlora.training.planner import BACKWARD_BLOCKS, Workload, estimate, fits_advice
 
 GB = 1e9
-DEV = FluxParams.dev()
-MEDIUM = FluxParams(depth=2, depth_single_blocks=2)
+DEV = flux_shape(FluxParams.dev())
+MEDIUM = flux_shape(FluxParams(depth=2, depth_single_blocks=2))
 
 
 def _peak(**kw) -> int:
@@ -35,15 +30,15 @@ def _peak(**kw) -> int:
 
 def _old_activations(w: Workload) -> int:
     """The planner's activation formula before --checkpoint_blocks (every block or none checkpointed)."""
-    p = w.params
+    m = w.shape
     tokens = w.batch_size * (w.image_tokens + w.text_tokens)
     key = "fp32" if w.compute_dtype is None else "bf16"
-    per_d = ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH[(key, "double")] * p.hidden_size * tokens
-    per_s = ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH[(key, "single")] * p.hidden_size * tokens
+    per_d = ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH[(key, "double")] * m.width * tokens
+    per_s = ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH[(key, "single")] * m.width * tokens
     if w.gradient_checkpointing:
-        kept = (p.depth + p.depth_single_blocks) * tokens * p.hidden_size * (4 if key == "fp32" else 2)
+        kept = (m.double_blocks + m.single_blocks) * tokens * m.width * (4 if key == "fp32" else 2)
         return int(kept + (1 + BACKWARD_BLOCKS) * max(per_d, per_s))
-    return int(p.depth * per_d + p.depth_single_blocks * per_s + BACKWARD_BLOCKS * max(per_d, per_s))
+    return int(m.double_blocks * per_d + m.single_blocks * per_s + BACKWARD_BLOCKS * max(per_d, per_s))
 
 
 def _activations(w: Workload) -> int:
@@ -51,18 +46,18 @@ def _activations(w: Workload) -> int:
 
 
 @pytest.mark.parametrize("kw", [
-    {"params": DEV},  # 1024², bf16 autocast
-    {"params": DEV, "image_tokens": 1024, "fp8": True},
-    {"params": MEDIUM, "image_tokens": 256, "weight_dtype": torch.float32, "compute_dtype": None},
+    {"shape": DEV},  # 1024², bf16 autocast
+    {"shape": DEV, "image_tokens": 1024, "fp8": True},
+    {"shape": MEDIUM, "image_tokens": 256, "weight_dtype": torch.float32, "compute_dtype": None},
 ], ids=["dev-1024", "dev-512-fp8", "medium-fp32"])
 def test_estimate_falls_with_every_checkpointed_block_and_keeps_the_old_ends(kw):
-    total = kw["params"].depth + kw["params"].depth_single_blocks
+    total = kw["shape"].double_blocks + kw["shape"].single_blocks
     peaks = [_peak(**kw, gradient_checkpointing=True, checkpoint_blocks=n) for n in range(total + 1)]
     assert all(a > b for a, b in zip(peaks[:-1], peaks[1:-1], strict=False)), peaks
     # The last block is backpropagated first, while the largest block's recompute is the peak anyway: checkpointing
     # it too only adds its kept input (one activation of the stream) — the estimate says so honestly.
     w = Workload(**kw)
-    stream = w.batch_size * (w.image_tokens + w.text_tokens) * w.params.hidden_size * (2 if w.compute_dtype else 4)
+    stream = w.batch_size * (w.image_tokens + w.text_tokens) * w.shape.width * (2 if w.compute_dtype else 4)
     assert peaks[-1] - peaks[-2] == stream
     none, every = Workload(**kw), Workload(**kw, gradient_checkpointing=True)
     assert peaks[0] == estimate(none).device_peak and peaks[-1] == estimate(every).device_peak
@@ -73,46 +68,45 @@ def test_estimate_falls_with_every_checkpointed_block_and_keeps_the_old_ends(kw)
 
 def test_estimate_with_swap_counts_the_swapped_blocks_as_checkpointed():
     swapped = sum(swap_split(4))  # 2 double + 4 single
-    peaks = [_peak(params=DEV, gradient_checkpointing=True, blocks_to_swap=4, checkpoint_blocks=n)
+    peaks = [_peak(shape=DEV, gradient_checkpointing=True, blocks_to_swap=4, checkpoint_blocks=n)
              for n in range(swapped, 58)]
     assert all(a > b for a, b in zip(peaks, peaks[1:], strict=False))
     # fewer than the swapped blocks cannot be: they are checkpointed anyway
-    assert _peak(params=DEV, gradient_checkpointing=True, blocks_to_swap=4, checkpoint_blocks=0) == peaks[0]
-    assert peaks[-1] == _peak(params=DEV, gradient_checkpointing=True, blocks_to_swap=4)
+    assert _peak(shape=DEV, gradient_checkpointing=True, blocks_to_swap=4, checkpoint_blocks=0) == peaks[0]
+    assert peaks[-1] == _peak(shape=DEV, gradient_checkpointing=True, blocks_to_swap=4)
 
 
 def test_cpu_offload_moves_only_the_checkpointed_inputs_to_the_host():
-    kw = {"params": DEV, "gradient_checkpointing": True, "cpu_offload_checkpointing": True}
+    kw = {"shape": DEV, "gradient_checkpointing": True, "cpu_offload_checkpointing": True}
     host = [estimate(Workload(**kw, checkpoint_blocks=n)).host["checkpointed block inputs"] for n in (10, 20, 57)]
     assert host[0] * 2 == host[1] and host[0] * 57 == host[2] * 10
 
 
 def test_advice_names_the_fewest_checkpointed_blocks_that_fit():
-    w = Workload(params=DEV)  # 1024², bf16: ~68 GB without checkpointing, ~28 GB with every block
+    w = Workload(shape=DEV)  # 1024², bf16: ~68 GB without checkpointing, ~28 GB with every block
     for available, prefix in ((45, "add --gradient_checkpointing --checkpoint_blocks "), (30, "add --gradient_che")):
         advice = fits_advice(w, int(available * GB))
         assert advice is not None and advice.startswith(prefix)
         n = int(advice.rsplit(" ", 1)[1])
         assert 0 < n < 57
-        assert _peak(params=DEV, gradient_checkpointing=True, checkpoint_blocks=n) <= available * GB
-        assert _peak(params=DEV, gradient_checkpointing=True, checkpoint_blocks=n - 1) > available * GB
-        too_few = fits_advice(Workload(params=DEV, gradient_checkpointing=True, checkpoint_blocks=5),
+        assert _peak(shape=DEV, gradient_checkpointing=True, checkpoint_blocks=n) <= available * GB
+        assert _peak(shape=DEV, gradient_checkpointing=True, checkpoint_blocks=n - 1) > available * GB
+        too_few = fits_advice(Workload(shape=DEV, gradient_checkpointing=True, checkpoint_blocks=5),
                               int(available * GB))
         assert too_few == f"set --checkpoint_blocks {n}"
     # below what every checkpointed block needs, the advice moves on to fp8 and block swap
-    assert fits_advice(Workload(params=DEV, gradient_checkpointing=True, checkpoint_blocks=5), int(20 * GB)) == \
+    assert fits_advice(Workload(shape=DEV, gradient_checkpointing=True, checkpoint_blocks=5), int(20 * GB)) == \
         "add --fp8_base and remove --checkpoint_blocks"
 
 
 def test_auto_checkpoints_every_block_without_a_gpu(train_argv, caplog):
     cfg = parse_train_config(train_argv("--gradient_checkpointing", "--checkpoint_blocks=auto"))
-    info = run_preflight(cfg).flux_info
-    with caplog.at_level(logging.INFO, logger="fluxlora.training.planner"):
-        assert resolve_checkpoint_blocks(cfg, info, torch.device("cpu"), 0) is None  # None = every block
+    with caplog.at_level(logging.INFO, logger="fluxlora.training.plan"):
+        assert build_plan(cfg).checkpointed is None  # None = every block
     assert "--checkpoint_blocks auto: no GPU, all 4 blocks are checkpointed" in caplog.text
     fixed = parse_train_config(train_argv("--gradient_checkpointing", "--checkpoint_blocks=3"))
-    assert resolve_checkpoint_blocks(fixed, info, torch.device("cpu"), 0) == 3
-    assert resolve_checkpoint_blocks(parse_train_config(train_argv()), info, torch.device("cpu"), 0) is None
+    assert build_plan(fixed).checkpointed == {0, 1, 2}
+    assert build_plan(parse_train_config(train_argv())).checkpointed == frozenset()  # checkpointing off
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -133,9 +127,9 @@ def test_more_blocks_than_the_model_has_is_refused_in_preflight(train_argv):
     cfg = parse_train_config(train_argv("--gradient_checkpointing", "--checkpoint_blocks=5"))
     with pytest.raises(ConfigError, match=r"--checkpoint_blocks 5: this model has 2 double and 2 single blocks, so "
                                           r"at most 4") as err:
-        run_preflight(cfg)
+        build_plan(cfg)
     assert err.value.key == "--checkpoint_blocks"
-    run_preflight(parse_train_config(train_argv("--gradient_checkpointing", "--checkpoint_blocks=4")))
+    build_plan(parse_train_config(train_argv("--gradient_checkpointing", "--checkpoint_blocks=4")))
 
 
 def test_check_prints_how_many_blocks_are_checkpointed(train_argv, capsys):
@@ -150,10 +144,10 @@ def test_training_with_one_checkpointed_block_equals_checkpointing_all(train_arg
     seen, calls = [], [0] * 4
 
     def spy(run, step):
-        flux = run.models.flux
-        seen.append(flux.checkpointed)
+        blocks = run.models.layout.sequence
+        seen.append(frozenset(i for i, b in enumerate(blocks) if policy_of(b).checkpointed))
         if step == 1:  # count block runs during the second step: a checkpointed block runs again in backward
-            for i, block in enumerate([*flux.double_blocks, *flux.single_blocks]):
+            for i, block in enumerate(blocks):
                 block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
 
     partial = train(train_argv("--max_train_steps=2", "--gradient_checkpointing", "--checkpoint_blocks=1",

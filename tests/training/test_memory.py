@@ -7,22 +7,27 @@ import dataclasses
 import pytest
 import torch
 
+from fluxlora import flow
 from fluxlora.errors import ConfigError
+from fluxlora.families.flux1.family import FLUX1
 from fluxlora.models.flux import FluxParams, axes_dim_for
 from fluxlora.models.tiny import random_flux
 from fluxlora.network.lora import create_network
-from fluxlora import flow
 from fluxlora.training import step as step_module
+from fluxlora.training.blocks import apply_block_policy
 from fluxlora.training.memory import (
     BlockSwapper,
     check_blocks_to_swap,
-    flux_block_sequence,
     max_blocks_to_swap,
     move_except,
     swap_split,
     swapped_positions,
 )
-from fluxlora.training.step import Conditioning, training_loss
+from fluxlora.training.step import training_loss
+
+
+def flux_block_sequence(flux):
+    return FLUX1.blocks(flux).sequence
 
 PARAMS = FluxParams(in_channels=64, vec_in_dim=24, context_in_dim=20, hidden_size=32, num_heads=2, depth=4,
                     depth_single_blocks=6, axes_dim=axes_dim_for(16), guidance_embed=True)
@@ -79,13 +84,13 @@ def test_split_follows_sd_scripts_and_the_limit_comes_from_the_block_counts():
 def test_swapped_positions_are_the_last_blocks_of_each_list():
     flux = random_flux(PARAMS, seed=0)
     # 3 → 1 double (index 3) + 4 single (indices 2..5, sequence positions 4 + 2..5)
-    assert swapped_positions(flux, 3) == [3, 6, 7, 8, 9]
+    assert swapped_positions(FLUX1.blocks(flux), 3) == [3, 6, 7, 8, 9]
 
 
 @pytest.mark.parametrize("ring_size", [1, 2, 3])
 def test_swap_gives_the_same_outputs_and_lora_gradients(ring_size):
     flux, network = _model()
-    flux.gradient_checkpointing = True
+    apply_block_policy(FLUX1.blocks(flux), checkpointed=None, offload=False, device="cpu")
     inputs = _inputs()
     reference = [_step(flux, network, inputs) for _ in range(2)]
     with torch.no_grad():
@@ -93,9 +98,8 @@ def test_swap_gives_the_same_outputs_and_lora_gradients(ring_size):
         ref_eval = flux(*inputs)
         flux.train()
 
-    swapper = BlockSwapper(flux_block_sequence(flux), swapped_positions(flux, 4), "cpu", ring_size=ring_size,
+    swapper = BlockSwapper(flux_block_sequence(flux), swapped_positions(FLUX1.blocks(flux), 4), "cpu", ring_size=ring_size,
                            record_order=True)
-    flux.requires_checkpointing = True
     blocks = flux_block_sequence(flux)
     host = {id(p): p.data.data_ptr() for pos in swapper.swapped_positions for p in blocks[pos].parameters()}
     for ref_out, ref_grads in reference:  # twice: the second step starts from the layout the first one left
@@ -121,7 +125,7 @@ def test_swap_gives_the_same_outputs_and_lora_gradients(ring_size):
 
 def test_swap_keeps_only_the_ring_resident():
     flux, _ = _model()
-    swapper = BlockSwapper(flux_block_sequence(flux), swapped_positions(flux, 4), "cpu", ring_size=2)
+    swapper = BlockSwapper(flux_block_sequence(flux), swapped_positions(FLUX1.blocks(flux), 4), "cpu", ring_size=2)
     double = sum(p.numel() * 4 for p in flux.double_blocks[0].parameters())
     single = sum(p.numel() * 4 for p in flux.single_blocks[0].parameters())
     assert swapper.host_bytes() == 2 * double + 4 * single  # 4 → 2 double + 4 single blocks
@@ -134,20 +138,12 @@ def test_swap_keeps_only_the_ring_resident():
         assert devices == ({"cpu"} if pos in swapper.swapped_positions else {"meta"})
 
 
-def test_training_with_swap_needs_checkpointing():
-    flux, network = _model()
-    BlockSwapper(flux_block_sequence(flux), swapped_positions(flux, 2), "cpu")
-    flux.requires_checkpointing = True
-    with pytest.raises(RuntimeError, match="--gradient_checkpointing"):
-        _step(flux, network, _inputs())
-
-
 def test_cpu_offload_checkpointing_equals_plain_checkpointing():
     flux, network = _model()
-    flux.gradient_checkpointing = True
+    apply_block_policy(FLUX1.blocks(flux), checkpointed=None, offload=False, device="cpu")
     inputs = _inputs()
     ref_out, ref_grads = _step(flux, network, inputs)
-    flux.cpu_offload_checkpointing = True
+    apply_block_policy(FLUX1.blocks(flux), checkpointed=None, offload=True, device="cpu")
     out, grads = _step(flux, network, inputs)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     for name in ref_grads:
@@ -171,26 +167,27 @@ def test_trimming_padded_t5_tokens_gives_the_same_loss_and_gradients(monkeypatch
     mask[0, :5] = True
     mask[1, :3] = True
     t5 = torch.randn(2, 64, PARAMS.context_in_dim, generator=g, dtype=torch.float64) * mask[..., None]
-    cond = Conditioning(torch.randn(2, PARAMS.vec_in_dim, generator=g, dtype=torch.float64), t5, mask)
+    cond = {"clip_pooled": torch.randn(2, PARAMS.vec_in_dim, generator=g, dtype=torch.float64), "t5_out": t5,
+            "t5_mask": mask}
     seen: list[int] = []
-    original_predict = step_module.predict_velocity
+    original_predict = FLUX1.predict
 
-    def spy(flux_, x_t, sigmas, cond_, **kwargs):
-        seen.append(cond_.t5_out.shape[1])
-        return original_predict(flux_, x_t, sigmas, cond_, **kwargs)
+    def spy(model, x_t, sigmas, cond_, **kwargs):
+        seen.append(cond_["t5_out"].shape[1])
+        return original_predict(model, x_t, sigmas, cond_, **kwargs)
 
-    monkeypatch.setattr(step_module, "predict_velocity", spy)
+    monkeypatch.setattr(FLUX1, "predict", spy)
 
     def loss_and_grads():
         for p in network.parameters():
             p.grad = None
-        out = training_loss(flux, latents, cond, _settings(), generator=torch.Generator().manual_seed(4), guidance=True,
-                            compute_dtype=torch.float64)
+        out = training_loss(FLUX1, flux, latents, cond, _settings(), generator=torch.Generator().manual_seed(4),
+                            guidance=1.0, compute_dtype=torch.float64)
         out.loss.backward()
         return out.loss.detach(), [p.grad.clone() for p in network.parameters()]
 
     trimmed_loss, trimmed_grads = loss_and_grads()
-    monkeypatch.setattr(step_module, "trim_text", lambda c: c)  # the full 64-token padding
+    monkeypatch.setattr(FLUX1, "trim_text", lambda c: c)  # the full 64-token padding
     full_loss, full_grads = loss_and_grads()
     assert seen == [5, 64]
     torch.testing.assert_close(trimmed_loss, full_loss, rtol=1e-12, atol=0)
@@ -209,7 +206,7 @@ def test_preflight_refuses_swap_without_checkpointing():
 
     from fluxlora.training.memory import check_memory_flags
 
-    info = SimpleNamespace(params=FluxParams.dev())
+    info = SimpleNamespace(double_blocks=19, single_blocks=38)
     cfg = SimpleNamespace(memory=SimpleNamespace(blocks_to_swap=19, gradient_checkpointing=False))
     with pytest.raises(ConfigError, match="--blocks_to_swap 19 needs --gradient_checkpointing"):
         check_memory_flags(cfg, info)

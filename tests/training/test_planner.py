@@ -6,23 +6,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fluxlora import flow
 from fluxlora.config.train_config import parse_train_config
 from fluxlora.errors import ConfigError
+from fluxlora.families.flux1.shape import (
+    ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH,
+    block_params,
+    flux_param_count,
+    flux_shape,
+    linear_weight_params,
+    lora_param_count,
+)
 from fluxlora.models.flux import Flux, FluxParams, axes_dim_for
 from fluxlora.models.tiny import random_flux
 from fluxlora.network.lora import create_network
-from fluxlora import flow
 from fluxlora.training.cli import check_main
-from fluxlora.training.planner import (
-    ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH,
-    Workload,
-    block_params,
-    estimate,
-    fits_advice,
-    flux_param_count,
-    lora_param_count,
-)
-from fluxlora.training.preflight import run_preflight
+from fluxlora.training.plan import build_plan
+from fluxlora.training.planner import Workload, estimate, fits_advice
 
 GB = 1e9
 
@@ -32,10 +32,13 @@ def test_parameter_counts_equal_the_module(params):
     with torch.device("meta"):
         flux = Flux(params)
     assert flux_param_count(params) == sum(p.numel() for p in flux.parameters())
-    double, single, per_token, _ = block_params(params)
+    double, single = block_params(params)
     assert double == sum(p.numel() for p in flux.double_blocks[0].parameters())
     assert single == sum(p.numel() for p in flux.single_blocks[0].parameters())
-    assert per_token == 113_246_208  # performance.md §1a: 113.27 M per-token weights per stream (12·3072²)
+    linear_double, _ = linear_weight_params(params)
+    h = params.hidden_size
+    # performance.md §1a: 113.27 M per-token weights per stream (12·3072²), plus the 6·3072² modulation
+    assert linear_double == 2 * (113_246_208 + 6 * h * h)
 
 
 def test_lora_count_matches_performance_table():
@@ -45,12 +48,12 @@ def test_lora_count_matches_performance_table():
 
 def test_weights_by_dtype_and_swap_savings():
     dev = FluxParams.dev()
-    bf16 = estimate(Workload(params=dev, weight_dtype=torch.bfloat16)).device["DiT weights"]
+    bf16 = estimate(Workload(shape=flux_shape(dev), weight_dtype=torch.bfloat16)).device["DiT weights"]
     assert abs(bf16 - 2 * 11.901e9) < 0.01e9  # 23.8 GB: the bf16 flux1-dev.safetensors
-    fp8 = estimate(Workload(params=dev, fp8=True)).device["DiT weights"]
+    fp8 = estimate(Workload(shape=flux_shape(dev), fp8=True)).device["DiT weights"]
     assert 11.9e9 < fp8 < 12.1e9  # Linear weights 1 byte, biases / norms / embedders stay bf16
-    swapped = estimate(Workload(params=dev, blocks_to_swap=35, gradient_checkpointing=True))
-    double, single, _, _ = block_params(dev)
+    swapped = estimate(Workload(shape=flux_shape(dev), blocks_to_swap=35, gradient_checkpointing=True))
+    double, single = block_params(dev)
     # 17 double + 36 single blocks leave the device, a ring of 2 + 2 slots comes in (performance.md: 21.8 GB saved)
     assert swapped.device["DiT weights"] == bf16 - 2 * ((17 - 2) * double + (36 - 2) * single)
     assert swapped.host["swapped blocks (pinned)"] == 2 * (17 * double + 36 * single)
@@ -95,17 +98,17 @@ def test_activation_bytes_match_saved_tensors_at_another_width():
 
 def test_advice_names_flags_that_really_fit():
     dev = FluxParams.dev()
-    w = Workload(params=dev, image_tokens=4096, text_tokens=512)  # 1024², bf16, no checkpointing
+    w = Workload(shape=flux_shape(dev), image_tokens=4096, text_tokens=512)  # 1024², bf16, no checkpointing
     assert estimate(w).device_peak > 60 * GB  # does not fit a 24 GB card
     advice = fits_advice(w, int(24 * GB))
     assert advice is not None and "--gradient_checkpointing" in advice
     assert "--fp8_base" in advice or "--blocks_to_swap" in advice
-    assert fits_advice(Workload(params=dev, gradient_checkpointing=True), int(80 * GB)) is None
-    swap = fits_advice(Workload(params=dev, gradient_checkpointing=True, fp8=True), int(8 * GB))
+    assert fits_advice(Workload(shape=flux_shape(dev), gradient_checkpointing=True), int(80 * GB)) is None
+    swap = fits_advice(Workload(shape=flux_shape(dev), gradient_checkpointing=True, fp8=True), int(8 * GB))
     assert swap is not None and "--blocks_to_swap" in swap
     n = int(swap.split("--blocks_to_swap ")[1].split()[0])
-    fitted = Workload(params=dev, gradient_checkpointing=True, fp8=True, blocks_to_swap=n)
-    assert estimate(fitted).device_peak <= 8 * GB < estimate(Workload(params=dev, gradient_checkpointing=True,
+    fitted = Workload(shape=flux_shape(dev), gradient_checkpointing=True, fp8=True, blocks_to_swap=n)
+    assert estimate(fitted).device_peak <= 8 * GB < estimate(Workload(shape=flux_shape(dev), gradient_checkpointing=True,
                                                                       fp8=True, blocks_to_swap=n - 1)).device_peak
 
 
@@ -117,15 +120,11 @@ def test_check_prints_the_plan(train_argv, capsys):
 
 def test_swap_beyond_the_model_or_without_checkpointing_is_refused(train_argv):
     with pytest.raises(ConfigError, match=r"--blocks_to_swap 1: this model has 2 double and 2 single blocks"):
-        run_preflight(parse_train_config(train_argv("--blocks_to_swap=1", "--gradient_checkpointing")))
+        build_plan(parse_train_config(train_argv("--blocks_to_swap=1", "--gradient_checkpointing")))
 
 
 def _workload(argv):
-    from fluxlora.training.planner import workload_for
-
-    cfg = parse_train_config(argv)
-    pre = run_preflight(cfg)
-    return workload_for(cfg, pre.flux_info, pre.blueprint, pre.t5_max_length)
+    return build_plan(parse_train_config(argv)).workload
 
 
 def _loaded_bytes(path, element_size):
@@ -155,19 +154,19 @@ def test_cached_outputs_move_the_encoders_from_training_to_the_caching_phase(tra
     # the caching phase holds the encoders (next to the AE unless latents were cached first) and their batch
     assert te_cached.caching["text encoders"] == te and te_cached.caching["AE"] == ae
     assert both.caching["text encoders"] == te and both.caching["AE"] == 0
-    assert te_cached.caching["T5 encode batch"] > 0
+    assert te_cached.caching["text encode batch"] > 0
     for plan in (te_cached, both):
         assert plan.device_peak == max(plan.caching_peak, plan.training_peak)
 
     assert check_main(train_argv(*bf16, "--cache_text_encoder_outputs")) == 0
     out = capsys.readouterr().out
-    assert "caching ≈" in out and "training ≈" in out and "T5 encode batch" in out
+    assert "caching ≈" in out and "training ≈" in out and "text encode batch" in out
 
 
 def test_a_caching_phase_that_does_not_fit_gets_its_own_advice():
     dev = FluxParams.dev()
-    w = Workload(params=dev, gradient_checkpointing=True, fp8=True, blocks_to_swap=30,
-                 caching_device=(("text encoders", int(9.6 * GB)), ("T5 encode batch", int(0.2 * GB))))
+    w = Workload(shape=flux_shape(dev), gradient_checkpointing=True, fp8=True, blocks_to_swap=30,
+                 caching_device=(("text encoders", int(9.6 * GB)), ("text encode batch", int(0.2 * GB))))
     plan = estimate(w)
     assert plan.device_peak == plan.caching_peak > plan.training_peak
     advice = fits_advice(w, int(8 * GB))

@@ -53,27 +53,25 @@ def _pixels(folder):
 
 def _keep_text_encoders(monkeypatch):
     """Residency as if a text-encoder LoRA were trained: the encoders stay loaded (the pre-change behaviour)."""
-    import fluxlora.training.components as components
-    import fluxlora.training.setup as setup
+    import fluxlora.training.plan as plan
 
-    real = components.residency_for
+    real = plan.residency_for
 
     def keep(cfg):
         return dataclasses.replace(real(cfg), drop_text_encoders=False)
 
-    monkeypatch.setattr(components, "residency_for", keep)
-    monkeypatch.setattr(setup, "residency_for", keep)
+    monkeypatch.setattr(plan, "residency_for", keep)
 
 
 def _watch_text_encoders(monkeypatch):
     """Weak references to every CLIP-L / T5 module `load_models` loads."""
-    import fluxlora.training.components as components
+    import fluxlora.models.text_encoders as text_encoders
 
     refs: list[weakref.ref] = []
     for name in ("load_clip_l", "load_t5xxl"):
-        real = getattr(components, name)
-        monkeypatch.setattr(components, name, lambda *a, _real=real, **k: refs.append(weakref.ref(m := _real(*a, **k)))
-                            or m)
+        real = getattr(text_encoders, name)
+        monkeypatch.setattr(text_encoders, name,
+                            lambda *a, _real=real, **k: refs.append(weakref.ref(m := _real(*a, **k))) or m)
     return refs
 
 
@@ -88,7 +86,8 @@ def test_cached_text_encoders_are_freed_and_samples_validation_and_training_are_
 
     def look(run, step):
         gc.collect()
-        seen.append((run.models.clip, run.models.t5, [r() for r in refs], run.models.ae is not None,
+        text = run.models.text.modules
+        seen.append((text["clip_l"], text["t5xxl"], [r() for r in refs], run.models.ae is not None,
                      run.sample_prompts is not None))
 
     freed = train(train_argv(*flags, toml_extra=SPLIT, output_dir=tmp_path / "freed"), callbacks=[look])
@@ -127,8 +126,8 @@ def test_encoders_stay_unless_their_outputs_are_cached_and_untrained(train_argv,
     argv = train_argv("--max_train_steps=1", *flags)
     if train_te:  # a CLIP-L LoRA runs the encoder every step
         argv.remove("--network_train_unet_only")
-    run = build_run(*prepare(argv))
-    assert run.train_clip == train_te
-    assert (run.models.clip is not None and run.models.t5 is not None) == te_kept
+    run = build_run(prepare(argv))
+    assert ("clip_l" in run.trainable.trained_encoders) == train_te
+    assert all(m is not None for m in run.models.text.modules.values()) == te_kept
     # no --sample_prompts: with cached latents the AE has no further use and is freed
     assert (run.models.ae is not None) == ae_kept

@@ -143,7 +143,7 @@ class Flux1(ModelFamily):
     def predict(self, model: nn.Module, x_t: Tensor, sigmas: Tensor, cond: Conditioning, *, guidance: float | None,
                 mask_text: bool, compute_dtype: torch.dtype, autocast: Autocast) -> Tensor:
         batch, _, height, width = x_t.shape
-        device = model.img_in.weight.device
+        device = next(model.parameters()).device
         img = flow.pack_latents(x_t).to(device=device, dtype=compute_dtype)
         img_ids = flow.image_ids(batch, height // 2, width // 2, device=device)
         txt = cond["t5_out"].to(device=device, dtype=compute_dtype)
