@@ -173,7 +173,9 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         problems.check(lambda: preflight.check_network_weights(cfg, family, info))
     text_length = problems.check(lambda: family.text_length(info, cfg.flow.t5xxl_max_token_length)) \
         if family is not None else None
-    parsed = problems.check(lambda: preflight.check_training_flags(cfg))
+    problems.check(lambda: preflight.check_network_args(cfg))
+    optimizer_args = problems.check(lambda: preflight.check_optimizer_flags(cfg))
+    scheduler_args = problems.check(lambda: preflight.check_scheduler_args(cfg))
     problems.check(lambda: preflight.check_output_dir(cfg.saving.output_dir))
     problems.check(lambda: preflight.check_resume_dir(cfg.saving.resume))
     blueprint = problems.check(lambda: preflight.load_blueprint(cfg))
@@ -184,13 +186,15 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
     problems.check(lambda: preflight.check_prompt_file(cfg))
     num_processes = launched_world_size()
     schedule = None
-    if data is not None and parsed is not None:
+    if data is not None:
         schedule = problems.check(lambda: schedule_for(cfg, data, num_processes))
-        if schedule is not None:
-            problems.check(lambda: preflight.check_scheduler(cfg, parsed, schedule.max_train_steps))
+        if schedule is not None and optimizer_args is not None and scheduler_args is not None:
+            problems.check(lambda: preflight.check_scheduler(cfg, optimizer_args, scheduler_args,
+                                                             schedule.max_train_steps))
     problems.raise_if_any()
     assert family is not None and info is not None and blueprint is not None and data is not None
-    assert parsed is not None and schedule is not None and text_length is not None
+    assert optimizer_args is not None and scheduler_args is not None
+    assert schedule is not None and text_length is not None
 
     precision = precision_for(cfg)
     residency = residency_for(cfg)
@@ -204,7 +208,7 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         cfg=cfg, family=family, model=info, encoder_files=encoder_files, text_length=text_length,
         precision=precision, residency=residency, device=device, num_processes=num_processes,
         blocks_to_swap=blocks_to_swap, checkpointed=checkpointed, blueprint=blueprint, data=data, seed=seed,
-        optimizer_args=parsed.optimizer_args, scheduler_args=parsed.scheduler_args, schedule=schedule,
+        optimizer_args=optimizer_args, scheduler_args=scheduler_args, schedule=schedule,
         workload=workload, memory=planner.estimate(workload),
         outputs=OutputNames(cfg.saving.output_dir, cfg.saving.output_name),
     )

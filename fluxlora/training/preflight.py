@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +27,6 @@ from fluxlora.training.memory import check_memory_flags
 from fluxlora.training.state import COMPLETE_MARKER
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ParsedFlags:
-    """The free-form argument lists, parsed once (as training will use them)."""
-
-    network_args: Any
-    optimizer_args: dict[str, object]
-    scheduler_args: dict[str, object]
 
 
 def check_encoder_files(cfg: TrainConfig, family: ModelFamily) -> dict[str, SafetensorsHeader]:
@@ -132,20 +122,30 @@ def check_resume_dir(resume: Path | None) -> None:
                           path=resume, key="--resume")
 
 
-def check_training_flags(cfg: TrainConfig) -> ParsedFlags:
-    """--network_args, the optimizer (name, package, --optimizer_args) and --lr_scheduler_args, parsed as training
-    will parse them; the optimizer is built over a dummy parameter."""
+def check_network_args(cfg: TrainConfig) -> Any:
+    """--network_args, parsed as the network will parse them (unknown names, bad values)."""
     from fluxlora.network.args import parse_network_args
-    from fluxlora.training.optim import check_optimizer, parse_kv_args, parse_optimizer_args
 
-    network_args = parse_network_args(list(cfg.network.network_args), network_dropout=cfg.network.network_dropout)
+    return parse_network_args(list(cfg.network.network_args), network_dropout=cfg.network.network_dropout)
+
+
+def check_optimizer_flags(cfg: TrainConfig) -> dict[str, object]:
+    """The optimizer (name, package, --optimizer_args) built over a dummy parameter; its parsed arguments."""
+    from fluxlora.training.optim import check_optimizer, parse_optimizer_args
+
     optimizer_args = parse_optimizer_args(list(cfg.optim.optimizer_args))
     check_optimizer(cfg.optim.optimizer_type, learning_rate=cfg.optim.learning_rate, optimizer_args=optimizer_args)
-    scheduler_args = parse_kv_args(list(cfg.optim.lr_scheduler_args), "--lr_scheduler_args")
-    return ParsedFlags(network_args=network_args, optimizer_args=optimizer_args, scheduler_args=scheduler_args)
+    return optimizer_args
 
 
-def check_scheduler(cfg: TrainConfig, parsed: ParsedFlags, max_train_steps: int) -> None:
+def check_scheduler_args(cfg: TrainConfig) -> dict[str, object]:
+    from fluxlora.training.optim import parse_kv_args
+
+    return parse_kv_args(list(cfg.optim.lr_scheduler_args), "--lr_scheduler_args")
+
+
+def check_scheduler(cfg: TrainConfig, optimizer_args: dict[str, object], scheduler_args: dict[str, object],
+                    max_train_steps: int) -> None:
     """Build the LR scheduler over a dummy optimizer for the run's length: an unknown name, arguments it refuses or
     a warm-up longer than the run fail here, before any weight is loaded."""
     import torch
@@ -155,12 +155,12 @@ def check_scheduler(cfg: TrainConfig, parsed: ParsedFlags, max_train_steps: int)
 
     o = cfg.optim
     optimizer, _ = build_optimizer(o.optimizer_type, [{"params": [torch.zeros(1, requires_grad=True)]}],
-                                   learning_rate=o.learning_rate, optimizer_args=dict(parsed.optimizer_args))
+                                   learning_rate=o.learning_rate, optimizer_args=dict(optimizer_args))
     build_scheduler(
         required_scheduler(optimizer) or o.lr_scheduler, optimizer, num_training_steps=max_train_steps,
         num_warmup_steps=o.lr_warmup_steps, num_decay_steps=o.lr_decay_steps, num_cycles=o.lr_scheduler_num_cycles,
         power=o.lr_scheduler_power, timescale=o.lr_scheduler_timescale, min_lr_ratio=o.lr_scheduler_min_lr_ratio,
-        scheduler_type=o.lr_scheduler_type, scheduler_args=dict(parsed.scheduler_args), initial_lr=o.learning_rate,
+        scheduler_type=o.lr_scheduler_type, scheduler_args=dict(scheduler_args), initial_lr=o.learning_rate,
     )
 
 
@@ -182,6 +182,6 @@ def check_prompt_file(cfg: TrainConfig) -> None:
         load_prompt_file(cfg.sampling.sample_prompts)
 
 
-__all__ = ["ParsedFlags", "check_checkpoint_blocks", "check_dataset", "check_encoder_files", "check_memory_flags",
-           "check_network_weights", "check_output_dir", "check_prompt_file", "check_resume_dir", "check_scheduler",
-           "check_training_flags", "load_blueprint"]
+__all__ = ["check_checkpoint_blocks", "check_dataset", "check_encoder_files", "check_memory_flags",
+           "check_network_args", "check_network_weights", "check_optimizer_flags", "check_output_dir",
+           "check_prompt_file", "check_resume_dir", "check_scheduler", "check_scheduler_args", "load_blueprint"]

@@ -70,18 +70,18 @@ def test_initial_step_starts_at_the_absolute_step_and_skips_its_batches(train_ar
 
 
 def test_gradient_checkpointing_is_applied_in_the_training_loop(train_argv, tmp_path, monkeypatch):
-    # The loaded DiT is frozen (eval mode) and Flux only checkpoints in training mode: the loop must switch it.
-    import fluxlora.models.flux as flux_module
+    # The loaded DiT is frozen (eval mode) and blocks are only checkpointed in training mode: the loop must switch it.
+    import fluxlora.training.blocks as blocks_module
     from fluxlora.models.tiny import TINY_FLUX
 
     calls: list[int] = []
-    real = flux_module.checkpoint
+    real = blocks_module.checkpoint
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(flux_module, "checkpoint", counting)
+    monkeypatch.setattr(blocks_module, "checkpoint", counting)
     plain = train(train_argv("--max_train_steps=2", output_dir=tmp_path / "plain"))
     assert calls == []
     ckpt = train(train_argv("--max_train_steps=2", "--gradient_checkpointing", output_dir=tmp_path / "ckpt"))
