@@ -22,7 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("fluxlora.tools.extract:main", "extract a LoRA from an original and a tuned model (flux_extract_lora.py)"),
     "convert": ("fluxlora.tools.convert:main", "convert LoRA files: sd-scripts <-> diffusers/PEFT <-> ai-toolkit"),
     "inspect": ("fluxlora.models.inspect:main", "print what a safetensors file is, reading only its header"),
-    "make-tiny": ("fluxlora.models.tiny:main", "write tiny real-format FLUX/CLIP-L/T5/AE checkpoints"),
+    "make-tiny": ("fluxlora.families.tiny:main",
+                  "write tiny real-format FLUX.1/Chroma/Kontext/Fill/CLIP-L/T5/AE checkpoints"),
     "demo": ("fluxlora.demo:main", "train a small LoRA on a generated dataset in about a minute on a CPU"),
 }
 

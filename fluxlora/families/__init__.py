@@ -1,0 +1,1 @@
+"""Model families: one folder per family (its transformer, loaders, key maps and family definition)."""
