@@ -1,7 +1,7 @@
 """Fill's transformer input: per packed token, the noisy latents (64) ‖ the masked image's latents (64) ‖ the mask
 (256: its 8×8 pixel patches at latent resolution, then 2×2-packed), 384 channels, as BFL's `prepare_fill` and
-diffusers' `FluxFillPipeline` build them. The mask is 1 where the model paints; the masked image is the image in
-[-1, 1] with those pixels set to 0.
+diffusers' `FluxFillPipeline` build them. The mask is 1 where the model paints; the masked image
+(`fluxlora.data.pairs.masked_image`) is the image in [-1, 1] with those pixels set to 0.
 """
 
 from __future__ import annotations
@@ -17,16 +17,6 @@ MASK_CHANNELS = 4 * AE_FACTOR * AE_FACTOR  # 256 per packed token
 def pack(latents: Tensor) -> Tensor:
     """Latents [B, C, h, w] → 2×2-patch tokens [B, (h/2)(w/2), 4C] (the FLUX.1 packing)."""
     return rearrange(latents, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
-
-
-def binarize(mask: Tensor) -> Tensor:
-    """A mask in [0, 1] → exactly 0/1 (≥ 0.5 paints), as diffusers' Fill mask processor does."""
-    return (mask >= 0.5).to(mask.dtype)
-
-
-def masked_image(pixels: Tensor, mask: Tensor) -> Tensor:
-    """The image [B, 3, H, W] in [-1, 1] with the pixels to paint (mask [B, 1, H, W] = 1) set to 0."""
-    return pixels * (1 - mask)
 
 
 def pack_mask(mask: Tensor) -> Tensor:

@@ -11,10 +11,8 @@ import torch
 from diffusers import FluxFillPipeline
 
 from fluxlora.families.fill.inputs import (
-    binarize,
     fill_conditioning,
     fill_input,
-    masked_image,
     pack,
     pack_mask,
 )
@@ -77,13 +75,6 @@ def test_mask_packing_by_hand() -> None:
     assert packed[0, 1, channel] == 1 and packed.sum() == 1
     with pytest.raises(ValueError, match="multiples of 16"):
         pack_mask(torch.zeros(1, 1, 8, 16))
-
-
-def test_masked_image_and_binarize() -> None:
-    pixels = torch.full((1, 3, 2, 2), 0.5)
-    mask = torch.tensor([[[[0.0, 0.49], [0.5, 1.0]]]])
-    assert binarize(mask).tolist() == [[[[0.0, 0.0], [1.0, 1.0]]]]
-    assert masked_image(pixels, binarize(mask))[0, 0].tolist() == [[0.5, 0.5], [0.0, 0.0]]
 
 
 def test_matches_diffusers_fill_feed_tiny(diffusers_flux) -> None:
