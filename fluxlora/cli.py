@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("fluxlora.training.cli:main", "train a LoRA (same flags as sd-scripts' flux_train_network.py)"),
     "check": ("fluxlora.training.cli:check_main", "check training flags, files and memory without loading weights"),
     "cache": ("fluxlora.training.cli:cache_main", "build the latent and text-encoder caches, then stop"),
+    "ctl": ("fluxlora.training.control:ctl_main", "tell a running training to sample now, save now or stop"),
     "generate": ("fluxlora.inference.generate:main", "generate images (flags of flux_minimal_inference.py)"),
     "merge": ("fluxlora.tools.merge:main", "merge LoRAs into models or into each other (flux_merge_lora.py)"),
     "extract": ("fluxlora.tools.extract:main", "extract a LoRA from an original and a tuned model (flux_extract_lora.py)"),

@@ -13,6 +13,8 @@ training subprocess:
                          of its bytes (a full disk); `disk_full=*` fails every write
     step_file=/tmp/x     after each optimizer step (and its saves) the global step is written to this file, so a
                          parent process knows how far a training subprocess got
+    step_delay=0.2       each optimizer step sleeps this many seconds at its end, so a browser test can press
+                         buttons while a tiny run is still training
 
 The hooks are called from `fluxlora.files.atomic_write` and the training loop (`fluxlora.training.trainer`).
 """
@@ -75,10 +77,14 @@ def on_write(path: Path, handle: IO) -> None:
 
 
 def after_step(step: int) -> None:
-    """Record the global step in `step_file` (written in place: only tests read it)."""
-    target = _settings().get("step_file")
+    """Record the global step in `step_file` (written in place: only tests read it); sleep `step_delay`."""
+    settings = _settings()
+    target = settings.get("step_file")
     if target:
         Path(target).write_text(str(step), encoding="utf-8")
+    delay = settings.get("step_delay")
+    if delay:
+        time.sleep(float(delay))
 
 
 __all__ = ["ENV", "after_step", "loss_for_step", "on_write"]

@@ -21,6 +21,7 @@ from fluxlora.config.train_config import TrainConfig
 from fluxlora.data.loader import make_dataloader, set_epoch
 from fluxlora.errors import TrainingError
 from fluxlora.training import faults
+from fluxlora.training.control import RunControl
 from fluxlora.training.logs import LossRecorder, plot_losses
 from fluxlora.training.outputs import (
     epoch_to_remove,
@@ -77,9 +78,12 @@ class Trainer:
         self.cfg: TrainConfig = run.cfg
         self.result = TrainResult()
         self.counters: TrainCounters = run.counters
-        self.callbacks: tuple[StepCallback, ...] = tuple(callbacks)
         self.stop_signal: int | None = None
         self._first_signal_at = 0.0  # time.monotonic() of the stop request
+        # control channel (fluxlora.training.control): the run's event log, and sample/save/stop commands acted on
+        # after each step, as the last step callback (so its time is not a step's)
+        self.control = RunControl(self)
+        self.callbacks: tuple[StepCallback, ...] = (*callbacks, self.control.after_step)
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
