@@ -180,3 +180,24 @@ def resolve_model_version(params: Flux2Params, model_version: str | None, *, pat
     name = Path(path).name.lower() if path is not None else ""
     base = not params.guidance_embed and "base" in name
     return arch, base
+
+
+def text_encoder_kind(params: Flux2Params) -> str:
+    """The encoder a transformer was trained with: Mistral Small 3 for the guidance-distilled [dev], Qwen3 for klein."""
+    arch = params.architecture
+    if arch != "custom":
+        return TEXT_ENCODERS[arch][0]
+    return "mistral3" if params.guidance_embed else "qwen3"
+
+
+def check_text_encoder_fits(params: Flux2Params, kind: str, hidden: int, *, path: str | Path,
+                            flag: str = "--text_encoder") -> None:
+    """A text encoder whose stacked width (3 × hidden) is not the transformer's `txt_in` width is the wrong one (a
+    klein file with the [dev] Mistral encoder, Qwen3-4B with klein 9B): one line naming both, before weights load."""
+    names = {"mistral3": "Mistral Small 3", "qwen3": "Qwen3"}
+    want = text_encoder_kind(params)
+    if kind != want or 3 * hidden != params.context_in_dim:
+        raise CheckpointError(
+            f"{flag} {path}: a {names[kind]} encoder of width {hidden} gives {3 * hidden}-wide prompt embeddings, but "
+            f"this FLUX.2 {params.architecture} transformer takes {params.context_in_dim} ({names[want]}, width "
+            f"{params.context_in_dim // 3}); pass the text encoder that belongs to the model", path=path, key=flag)

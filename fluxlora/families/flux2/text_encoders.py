@@ -170,6 +170,18 @@ def file_state_dict(model: nn.Module, *, lm_head: Tensor | None = None) -> dict[
     return out
 
 
+def inspect_text_encoder(path: str | Path, *, flag: str = "--text_encoder") -> tuple[str, int, int]:
+    """(kind, hidden width, layers in the file) from the header alone; a file of another kind is a one-line error."""
+    header = read_header(path, flag=flag)
+    kind = detect_text_encoder(header.tensors)
+    if kind is None:
+        raise CheckpointError(f"{flag} {header.path}: not a Mistral 3 / Qwen3 text encoder (no layers.0.self_attn / "
+                              "embed_tokens keys); pass the FLUX.2 text encoder file", path=header.path, key=flag)
+    embed = next(s for k, s in header.shapes.items() if _strip(k) == "embed_tokens.weight")
+    layers = 1 + max(int(m.group(1)) for k in header.tensors if (m := _LAYER.match(_strip(k))))
+    return kind, embed[1], layers
+
+
 def load_text_encoder(path: str | Path, *, expected: str | None = None, dtype: torch.dtype | None = None,
                       device: str | torch.device = "cpu", flag: str = "--text_encoder",
                       layers: Sequence[int] | None = None) -> tuple[nn.Module, TextEncoderSpec]:
