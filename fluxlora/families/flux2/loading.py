@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_FLAG = "--pretrained_model_name_or_path"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+VERSION_KEY = "fluxlora.model_version"  # safetensors metadata naming the --model_version of a file we wrote
 # Keys of ComfyUI's scaled / mixed-precision fp8 files: per-tensor scales that a plain fp8 load would ignore.
 _SCALED_FP8_SUFFIXES = (".weight_scale", ".input_scale", ".scale_weight", ".comfy_quant")
 
@@ -150,6 +151,8 @@ def _plan(path: str | Path, flag: str | None, model_version: str | None) -> _Pla
         params = Flux2Params.from_shapes(bfl_shapes, path=path)
     except CheckpointError as err:
         raise CheckpointError(f"{_where(flag)}{err}", path=path, key=err.key) from None
+    if model_version is None:  # files we write (tiny, converted) name their version; BFL's do not
+        model_version = next((h.metadata[VERSION_KEY] for h in headers if VERSION_KEY in h.metadata), None)
     architecture, base = resolve_model_version(params, model_version, path=path)
     counts: Counter[str] = Counter()
     for header in headers:

@@ -162,3 +162,16 @@ def main(argv: list[str]) -> int:
         paths = write_tiny_flux2(args.outdir, version, args.seed)
         print(f"{version}: {paths.transformer} {paths.text_encoder} {paths.ae} {paths.tokenizer}")
     return 0
+
+
+def small_flux2_params(*, guidance: bool, in_channels: int = 16, context: int = 24) -> Flux2Params:
+    """A small transformer for model tests: width 64, 2 heads of 32 (RoPE axes 4 × 8), 2 + 2 blocks."""
+    return Flux2Params(in_channels=in_channels, context_in_dim=context, hidden_size=64, num_heads=2, depth=2,
+                       depth_single_blocks=2, axes_dim=axes_dim_for(32), guidance_embed=guidance)
+
+
+def random_flux2(params: Flux2Params, seed: int = 0) -> Flux2:
+    """A `Flux2` with `init_weights_` weights from `seed`, in eval mode (tests and benchmarks)."""
+    with torch.device("meta"):
+        model = Flux2(params)
+    return init_weights_(model.to_empty(device="cpu"), torch.Generator().manual_seed(seed)).eval()
