@@ -123,7 +123,8 @@ def check_training_flags(cfg: TrainConfig) -> None:
     from fluxlora.network.args import parse_network_args
     from fluxlora.training.optim import check_optimizer, parse_optimizer_args
 
-    parse_network_args(list(cfg.network.network_args), network_dropout=cfg.network.network_dropout)
+    parse_network_args(list(cfg.network.network_args), network_dropout=cfg.network.network_dropout,
+                       network_module=cfg.network.network_module)  # adapters: lycoris.kohya spelling
     check_optimizer(cfg.optim.optimizer_type, learning_rate=cfg.optim.learning_rate,
                     optimizer_args=parse_optimizer_args(list(cfg.optim.optimizer_args)))
 
