@@ -178,10 +178,14 @@ KIND_DESCRIPTIONS = {
 }
 
 
+#: Keys only LyCORIS adapter files have (LoKr, LoHa, full, DoRA), under the kohya `lora_unet_` / `lora_te*_` names.
+LYCORIS_KEY_ENDINGS = (".lokr_w1", ".lokr_w1_a", ".lokr_w2", ".lokr_w2_a", ".hada_w1_a", ".diff", ".dora_scale")
+
+
 def detect_kind(keys: Iterable[str]) -> ModelKind:
     """What a checkpoint is, from its key names alone."""
     keys = set(keys)
-    if any(k.endswith((".lora_down.weight", ".lora_A.weight", ".lora_B.weight")) for k in keys):
+    if any(k.endswith((".lora_down.weight", ".lora_A.weight", ".lora_B.weight", *LYCORIS_KEY_ENDINGS)) for k in keys):
         return ModelKind.LORA
     stripped = {k[len(COMFY_PREFIX):] if k.startswith(COMFY_PREFIX) else k for k in keys}
     if "distilled_guidance_layer.in_proj.weight" in stripped:  # Chroma's approximator, in both layouts
