@@ -177,8 +177,8 @@ def check_combination(spec: AdapterSpec, *, dropout: float | None, split_qkv: bo
         raise ConfigError(f"{FLAG} ggpo_sigma/ggpo_beta (LoRA-GGPO) are defined for plain LoRA, not {what}",
                           key="ggpo_sigma")
     if loraplus and spec.algo != "lora":
-        raise ConfigError(f"{FLAG} loraplus_*: LoRA+ raises the learning rate of lora_up weights, which {what} does "
-                          "not have", key="loraplus_lr_ratio")
+        raise ConfigError(f"{FLAG} loraplus_lr_ratio / loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio: LoRA+ "
+                          f"raises the learning rate of lora_up weights, which {what} does not have", key="loraplus_lr_ratio")
     if spec.dora_wd and spec.wd_on_output:
         logger.warning("%s dora_wd with wd_on_output=True (LyCORIS' default): ComfyUI normalises output-axis DoRA by "
                        "the base weight's norm instead of the adapted one (ComfyUI PR #15458, open), so files look "
