@@ -51,8 +51,8 @@ def test_resume_is_bit_identical_and_the_file_is_lycoris(case, train_argv, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(ALGOS))
 def test_loss_falls_when_overfitting_one_image(case, train_argv):
-    lr = "5e-4" if case == "full" else "5e-3"
-    result = train(train_argv("--max_train_steps=60", f"--learning_rate={lr}", "--timestep_sampling=sigmoid",
+    lr = {"full": "5e-4", "lokr": "2e-2", "lokr-dora": "2e-2"}.get(case, "5e-3")  # LoKr has few parameters
+    result = train(train_argv("--max_train_steps=30", f"--learning_rate={lr}", "--timestep_sampling=sigmoid",
                               "--network_dim=8", "--cache_latents", *_flags(case), batch_size=1))
-    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < 0.6 * first, (first, last)
