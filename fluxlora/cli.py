@@ -17,12 +17,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("fluxlora.training.cli:main", "train a LoRA (same flags as sd-scripts' flux_train_network.py)"),
     "check": ("fluxlora.training.cli:check_main", "check training flags, files and memory without loading weights"),
     "cache": ("fluxlora.training.cli:cache_main", "build the latent and text-encoder caches, then stop"),
+    "ctl": ("fluxlora.training.control:ctl_main", "tell a running training to sample now, save now or stop"),
     "generate": ("fluxlora.inference.generate:main", "generate images (flags of flux_minimal_inference.py)"),
     "merge": ("fluxlora.tools.merge:main", "merge LoRAs into models or into each other (flux_merge_lora.py)"),
     "extract": ("fluxlora.tools.extract:main", "extract a LoRA from an original and a tuned model (flux_extract_lora.py)"),
     "convert": ("fluxlora.tools.convert:main", "convert LoRA files: sd-scripts <-> diffusers/PEFT <-> ai-toolkit"),
-    "inspect": ("fluxlora.models.inspect:main", "print what a safetensors file is, reading only its header"),
-    "make-tiny": ("fluxlora.models.tiny:main", "write tiny real-format FLUX/CLIP-L/T5/AE checkpoints"),
+    "inspect": ("fluxlora.tools.model_files:inspect_main", "print what a safetensors file is, reading only its header"),
+    "make-tiny": ("fluxlora.tools.model_files:make_tiny_main",
+                  "write tiny real-format checkpoints (FLUX.1/Chroma/Kontext/Fill/CLIP-L/T5/AE; --family flux2: FLUX.2)"),
     "demo": ("fluxlora.demo:main", "train a small LoRA on a generated dataset in about a minute on a CPU"),
 }
 

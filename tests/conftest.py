@@ -29,3 +29,11 @@ def tiny_ckpts(tmp_path_factory: pytest.TempPathFactory):
     from fluxlora.models.tiny import write_tiny_checkpoints
 
     return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny_ckpts"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_ckpts(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny Chroma, Kontext and Fill transformers in their real file layouts (see fluxlora.families.tiny)."""
+    from fluxlora.families.tiny import write_tiny_family_checkpoints
+
+    return write_tiny_family_checkpoints(tmp_path_factory.mktemp("tiny_family_ckpts"), seed=0)

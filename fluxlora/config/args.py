@@ -156,7 +156,8 @@ def _dataset_args(parser: FluxArgumentParser) -> None:
 
 def _network_args(parser: FluxArgumentParser) -> None:
     add = _adder(parser, parser.add_argument_group("network (spec §1.3)"))
-    add("network_module", type=str, help="networks.lora_flux (alias of fluxlora.network.lora)")
+    add("network_module", type=str, help="networks.lora_flux (alias of fluxlora.network.lora), or lycoris.kohya "
+        "for LoKr / LoHa / LoCon / full adapters (--network_args algo=...)")
     add("network_dim", type=int, help="LoRA rank (sd-scripts: None means 4)")
     add("network_alpha", 1.0, type=float, help="LoRA alpha; scale = alpha / rank")
     add("network_dropout", type=float, help="dropout on the rank activation")

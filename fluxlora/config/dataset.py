@@ -117,6 +117,7 @@ class SubsetConfig:
     resize_interpolation: str | None = None
     cache_info: bool = False
     custom_attributes: dict[str, Any] = field(default_factory=dict)
+    conditioning_data_dir: Path | None = None  # paired images by file stem (Kontext references, Fill masks)
 
     @property
     def is_dreambooth(self) -> bool:
@@ -305,14 +306,19 @@ def _build_subset(where: str, table: dict[str, Any], res: Resolver, problems: Pr
     extension = res.value("caption_extension") or ".caption"
     if not extension.startswith("."):
         extension = "." + extension
-    names = {f.name for f in fields(SubsetConfig)} - {"key", "image_dir", "metadata_file", "caption_extension"}
+    control_dir = table.get("conditioning_data_dir")
+    if control_dir is not None and not control_dir.is_dir():
+        what = "is not a folder" if control_dir.exists() else "does not exist"
+        problems.add(f"{where}.conditioning_data_dir", f"folder {str(control_dir)!r} {what}; fix the path")
+    names = {f.name for f in fields(SubsetConfig)} - {"key", "image_dir", "metadata_file", "caption_extension",
+                                                      "conditioning_data_dir"}
     values = {name: res.value(name) for name in names}
     if values["custom_attributes"] is None:
         values["custom_attributes"] = {}
     if values["cache_info"]:
         logger.info("%s: cache_info is not needed: image sizes are read from file headers", where)
     return SubsetConfig(key=where, image_dir=image_dir, metadata_file=metadata_file, caption_extension=extension,
-                        **values)
+                        conditioning_data_dir=control_dir, **values)
 
 
 def blueprint_from_flags(defaults: DatasetDefaults) -> DatasetBlueprint:

@@ -72,13 +72,13 @@ _SCHEMA: dict[str, tuple[str, frozenset[str], Any]] = {
     "metadata_file": ("path", _SUB, None),
     "is_reg": ("bool", _SUB, False),
     "alpha_mask": ("bool", _SUB, False),
+    # a folder of images paired with this subset's images by file stem: Kontext's reference images, Fill's masks
+    "conditioning_data_dir": ("path", _SUB, None),
 }
-_ALIASES = {"interpolation_type": "resize_interpolation"}
+# musubi-tuner's name for the paired-image folder
+_ALIASES = {"interpolation_type": "resize_interpolation", "control_directory": "conditioning_data_dir"}
 # Keys sd-scripts knows that we refuse, with the reason and what to do instead.
-_REFUSED = {
-    "conditioning_data_dir": "mask/ControlNet subsets are not supported by fluxlora; use alpha_mask = true "
-    "with images that carry an alpha channel",
-}
+_REFUSED: dict[str, str] = {}
 # Dataset-level settings that sd-scripts reads from a differently named flag.
 _FLAG_NAMES = {"batch_size": "train_batch_size"}
 _EXPECTED = {

@@ -15,7 +15,7 @@ from fluxlora.errors import ConfigError
 if TYPE_CHECKING:
     from fluxlora.config.train_config import TrainConfig
 
-NETWORK_MODULES = ("networks.lora_flux", "fluxlora.network.lora")
+NETWORK_MODULES = ("networks.lora_flux", "fluxlora.network.lora", "lycoris.kohya")
 MAX_BLOCKS_TO_SWAP = 35  # FLUX: 17 of 19 double + 36 of 38 single blocks (spec §7.1)
 REQUIRED = {
     "pretrained_model_name_or_path": "the transformer checkpoint",
@@ -177,7 +177,8 @@ def _check_network(d: Mapping[str, Any], errors: list[str], notes: list[str]) ->
     if module == "networks.oft_flux":
         errors.append("--network_module networks.oft_flux (OFT) is not supported; use networks.lora_flux")
     elif module not in NETWORK_MODULES:
-        errors.append(f"--network_module {module} is not supported; use networks.lora_flux")
+        errors.append(f"--network_module {module} is not supported; use networks.lora_flux (LoRA, dora_wd=True for "
+                      "DoRA) or lycoris.kohya (algo=lokr|loha|locon|full)")
     if d["network_dim"] <= 0:
         errors.append(f"--network_dim {d['network_dim']} must be a positive rank (e.g. 16)")
     if d["network_alpha"] < 0:

@@ -30,6 +30,7 @@ from fluxlora.data.dataset_metadata import (
     tag_counts,
 )
 from fluxlora.data.images import check_complete, image_size
+from fluxlora.data.pairs import ControlKind, PairError, control_index, find_control
 from fluxlora.data.subset_images import dreambooth_images, finetuning_images
 from fluxlora.errors import DatasetError
 
@@ -56,6 +57,7 @@ class ImageEntry:
     bucket: Size
     resized_size: Size  # cover-resize target before the crop to `bucket`
     num_repeats: int = 1
+    control: Path | None = None  # its paired image from conditioning_data_dir (a reference image or a mask)
 
     @property
     def key(self) -> str:
@@ -66,6 +68,16 @@ class ImageEntry:
     def latent_key(self) -> tuple[str, Size]:
         """Lookup key in the latent cache (`LatentItem.key`): (path, bucket)."""
         return str(self.path), (int(self.bucket[0]), int(self.bucket[1]))
+
+    @property
+    def control_latent_key(self) -> tuple[str, Size]:
+        """Lookup key of its reference image's latents (same bucket, resize and crop as the image)."""
+        return str(self.control), (int(self.bucket[0]), int(self.bucket[1]))
+
+    @property
+    def masked_latent_key(self) -> tuple[str, Size, str]:
+        """Lookup key of the latents of the image with its mask's region blanked (`LatentItem.mask`)."""
+        return str(self.path), (int(self.bucket[0]), int(self.bucket[1])), str(self.control)
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,7 @@ class TrainingData:
     validation: tuple[BuiltDataset, ...]
     prior_loss_weight: float = 1.0
     num_skipped_images: int = 0
+    control_kind: ControlKind | None = None  # what each entry's `control` is (None: no pairs)
 
     @property
     def num_train_images(self) -> int:
@@ -190,17 +203,30 @@ class TrainingData:
         return out
 
     def latent_items(self) -> list[LatentItem]:
-        """One latent-cache item per distinct (image, bucket) of training and validation, in a stable order."""
+        """One latent-cache item per distinct (image, bucket) of training and validation, in a stable order; with
+        pairs also one per reference image (resized and cropped as its image) or per masked image."""
         from fluxlora.data.latent_cache import LatentItem
 
-        items: dict[tuple[str, Size], LatentItem] = {}
+        items: dict[tuple, LatentItem] = {}
         for dataset in (*self.datasets, *self.validation):
             for entry in dataset.entries:
                 subset = dataset.config.subsets[entry.subset]
+                root = subset.image_dir or (subset.metadata_file.parent if subset.metadata_file else None)
                 items.setdefault(entry.latent_key, LatentItem(
                     path=entry.path, bucket=entry.bucket, resized_size=entry.resized_size,
-                    interpolation=subset.resize_interpolation, alpha_mask=subset.alpha_mask,
-                    root=subset.image_dir or (subset.metadata_file.parent if subset.metadata_file else None)))
+                    interpolation=subset.resize_interpolation, alpha_mask=subset.alpha_mask, root=root))
+                if entry.control is None:
+                    continue
+                if self.control_kind == "reference":
+                    # mirrored under cache_dir beside (not onto) the images' cache files
+                    control_root = subset.conditioning_data_dir.parent if subset.conditioning_data_dir else None
+                    items.setdefault(entry.control_latent_key, LatentItem(
+                        path=entry.control, bucket=entry.bucket, resized_size=entry.resized_size,
+                        interpolation=subset.resize_interpolation, root=control_root))
+                elif self.control_kind == "mask":
+                    items.setdefault(entry.masked_latent_key, LatentItem(
+                        path=entry.path, bucket=entry.bucket, resized_size=entry.resized_size,
+                        interpolation=subset.resize_interpolation, root=root, mask=entry.control))
         return list(items.values())
 
     def text_items(self) -> list[TextItem]:
@@ -276,19 +302,22 @@ def rebalance_reg_repeats(reg_repeats: list[int], num_train: int) -> list[int]:
     return out
 
 
-def build_training_data(blueprint: DatasetBlueprint, *, seed: int, skip_bad_images: bool = False) -> TrainingData:
+def build_training_data(blueprint: DatasetBlueprint, *, seed: int, skip_bad_images: bool = False,
+                        control_kind: ControlKind | None = None) -> TrainingData:
     """Find every image, read captions and header sizes, split off validation, rebalance and bucket.
 
-    `seed` is the run seed (used for the split when a dataset has no `validation_seed`). Every problem (empty
-    dataset, unreadable image or caption, missing metadata image) is collected and raised as one DatasetError;
-    with `skip_bad_images` unreadable images are left out with a warning instead.
+    `seed` is the run seed (used for the split when a dataset has no `validation_seed`). `control_kind` is what the
+    model reads from each image's paired file in `conditioning_data_dir` (None: the model reads no pairs, and a
+    subset that sets the folder is an error). Every problem (empty dataset, unreadable image or caption, missing
+    metadata image, missing or mismatched pair) is collected and raised as one DatasetError; with
+    `skip_bad_images` unreadable images are left out with a warning instead.
     """
     problems: list[str] = []
     train, validation = [], []
     skipped = 0
     for dataset in blueprint.datasets:
         built, held_out, n_skipped = _build_dataset(dataset, blueprint.prior_loss_weight, seed, skip_bad_images,
-                                                    problems)
+                                                    problems, control_kind)
         train.extend([built] if built is not None else [])
         validation.extend([held_out] if held_out is not None else [])
         skipped += n_skipped
@@ -298,12 +327,33 @@ def build_training_data(blueprint: DatasetBlueprint, *, seed: int, skip_bad_imag
         source = blueprint.source or "dataset flags"
         raise DatasetError(f"{source}: {len(problems)} dataset problem(s): " + "; ".join(problems),
                            path=blueprint.source)
-    return TrainingData(tuple(train), tuple(validation), blueprint.prior_loss_weight, skipped)
+    return TrainingData(tuple(train), tuple(validation), blueprint.prior_loss_weight, skipped, control_kind)
+
+
+def _control_indexes(cfg: DatasetConfig, kind: ControlKind | None, problems: list[str]) -> dict[int, dict]:
+    """Per subset index, its control folder's images by stem; a subset with pairs the model does not read, or
+    without the pairs it needs, is a problem."""
+    what = {"reference": "reference images", "mask": "masks (white = the region to paint)"}
+    indexes: dict[int, dict] = {}
+    for s_index, subset in enumerate(cfg.subsets):
+        folder = subset.conditioning_data_dir
+        if folder is not None and kind is None:
+            problems.append(f"{subset.key}.conditioning_data_dir: this model reads no paired images (only FLUX.1 "
+                            "Kontext reads reference images and FLUX.1 Fill masks); remove it, or choose that model "
+                            "with --model_type (for a loss mask use alpha_mask = true)")
+        elif folder is None and kind is not None:
+            problems.append(f"{subset.key}: this model trains on pairs: set conditioning_data_dir (or "
+                            f"control_directory) to the folder of its {what[kind]}, matched by file stem")
+        elif folder is not None and folder.is_dir():
+            indexes[s_index] = control_index(folder)
+    return indexes
 
 
 def _build_dataset(
-    cfg: DatasetConfig, prior_loss_weight: float, seed: int, skip_bad: bool, problems: list[str]
+    cfg: DatasetConfig, prior_loss_weight: float, seed: int, skip_bad: bool, problems: list[str],
+    control_kind: ControlKind | None = None,
 ) -> tuple[BuiltDataset | None, BuiltDataset | None, int]:
+    controls = _control_indexes(cfg, control_kind, problems)
     known_sizes: dict[Path, Size] = {}
     train_rows: list[tuple[int, Path, str, int]] = []  # (subset, path, caption, repeats)
     held_out: list[tuple[int, Path, str, int]] = []
@@ -361,11 +411,27 @@ def _build_dataset(
                     else:
                         problems.append(str(err))
                     continue
+            control = None
+            if s_index in controls:
+                folder = cfg.subsets[s_index].conditioning_data_dir
+                try:
+                    control = find_control(path, size, folder, controls[s_index], kind=control_kind).resolve()
+                except PairError as err:
+                    problems.append(str(err))
+                    continue
+                except DatasetError as err:  # an unreadable control file
+                    if skip_bad:
+                        logger.warning("skipping image %s", err)
+                        skipped += 1
+                    else:
+                        problems.append(str(err))
+                    continue
             bucket, resized = assign_bucket(size, resolution=cfg.resolution, enable_bucket=cfg.enable_bucket,
                                             bucket_no_upscale=cfg.bucket_no_upscale, buckets=buckets,
                                             step=cfg.bucket_reso_steps)
             weight = prior_loss_weight if is_reg else 1.0
-            yield ImageEntry(path.resolve(), caption, s_index, is_reg, weight, size, bucket, resized, repeats)
+            yield ImageEntry(path.resolve(), caption, s_index, is_reg, weight, size, bucket, resized, repeats,
+                             control)
 
     options = tuple(caption_options(s) for s in cfg.subsets)
     tags = {name: tag_counts(texts) for name, texts in tag_texts.items()}

@@ -4,6 +4,7 @@ One file per image, `<stem>_flux_latents.safetensors`, beside the image or under
 entries for several buckets and both flips. Entries are validated on every build (opens, right shape, finite)
 and anything wrong is recomputed and counted. Items are encoded in batches of the same bucket; with
 `flip_aug` the horizontally flipped image is encoded too (a flipped latent is not the flip of a latent).
+An item with a `mask` (FLUX.1 Fill) encodes its image with the mask's region blanked, keyed by both files' bytes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fluxlora.data.caches import (
     write_cache_file,
 )
 from fluxlora.data.images import image_size, load_image
+from fluxlora.data.pairs import masked_image, prepare_control
 from fluxlora.errors import CacheError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -49,18 +51,21 @@ class LatentItem:
     interpolation: str | None = None
     alpha_mask: bool = False
     root: Path | None = None
+    mask: Path | None = None  # encode the image with this mask's white region set to 0 (Fill's masked image)
 
     @property
-    def key(self) -> tuple[str, Size]:
-        """The lookup key of this item in a LatentCache: (image path, bucket)."""
-        return str(self.path), (int(self.bucket[0]), int(self.bucket[1]))
+    def key(self) -> tuple:
+        """The lookup key of this item in a LatentCache: (image path, bucket), plus the mask path if any."""
+        key = str(self.path), (int(self.bucket[0]), int(self.bucket[1]))
+        return key if self.mask is None else (*key, str(self.mask))
 
 
 def latent_key(
-    image_sha256: str, bucket: Size, plan: ResizePlan, flipped: bool, interpolation: str | None, ae_fingerprint: str
+    image_sha256: str, bucket: Size, plan: ResizePlan, flipped: bool, interpolation: str | None, ae_fingerprint: str,
+    mask_sha256: str | None = None,
 ) -> str:
     """The content key of one latent entry: everything that determines its values."""
-    return entry_key(
+    fields = dict(
         kind="latents",
         image=image_sha256,
         bucket=list(bucket),
@@ -70,6 +75,9 @@ def latent_key(
         interpolation=interpolation or "auto",
         ae=ae_fingerprint,
     )
+    if mask_sha256 is not None:  # absent otherwise, so keys of unmasked entries stay what they were
+        fields["mask"] = mask_sha256
+    return entry_key(**fields)
 
 
 def _mask_key(image_sha256: str, plan: ResizePlan, interpolation: str | None) -> str:
@@ -150,8 +158,15 @@ def _describe(items: Sequence[LatentItem], ae_fingerprint: str, flips: tuple[boo
             except OSError as err:
                 raise DatasetError(f"{path}: cannot read image for caching ({err})", path=path) from err
         sha, size = hashes[path]
+        mask_sha = None
+        if item.mask is not None:
+            try:
+                mask_sha = sha256_file(Path(item.mask))
+            except OSError as err:
+                raise DatasetError(f"{item.mask}: cannot read mask for caching ({err})", path=item.mask) from err
         plan = plan_resize(size, item.bucket, random_crop=False, rng=None, resized_size=item.resized_size)
-        keys = {f: latent_key(sha, item.bucket, plan, f, item.interpolation, ae_fingerprint) for f in flips}
+        keys = {f: latent_key(sha, item.bucket, plan, f, item.interpolation, ae_fingerprint, mask_sha)
+                for f in flips}
         file = cache_file_path(path, LATENT_SUFFIX, cache_dir=cache_dir, root=item.root) if to_disk else None
         jobs.append(_Job(item, sha, plan, keys, _mask_key(sha, plan, item.interpolation), file))
     return jobs
@@ -282,6 +297,10 @@ def _encode_chunk(chunk: list[_Job], encode: Callable[[torch.Tensor], torch.Tens
             color_aug=False, rng=random.Random(0), alpha_mask=job.needs_mask, resized_size=job.plan.resized_size,
         )
         pixels[i] = prepared.pixels
+        if job.item.mask is not None:
+            mask = prepare_control(load_image(job.item.mask), job.plan, flipped=False,
+                                   interpolation=job.item.interpolation, kind="mask")
+            pixels[i] = masked_image(prepared.pixels, mask)
         if prepared.alpha_mask is not None:
             mask = prepared.alpha_mask[0].mul(255.0).round().to(torch.uint8)
             job.results[f"alpha.{job.mask_key}"] = mask

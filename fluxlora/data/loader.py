@@ -23,6 +23,7 @@ from fluxlora.data.buckets import apply_plan, plan_resize, prepare_image, resolv
 from fluxlora.data.captions import process_caption
 from fluxlora.data.datasets import BatchSpec, Split, TrainingData, sample_rng
 from fluxlora.data.images import load_image
+from fluxlora.data.pairs import masked_image, prepare_control
 
 
 class LatentSource(Protocol):
@@ -121,6 +122,7 @@ class BatchDataset(Dataset):
         max_train_steps: int = 0,
     ) -> None:
         self.datasets = data.split_datasets(split)
+        self.control_kind = data.control_kind
         self.seed, self.split = seed, split
         self.latent_cache, self.text_cache = latent_cache, text_cache
         self.clock = clock or StepClock(data.num_batches_per_epoch)
@@ -159,6 +161,8 @@ class BatchDataset(Dataset):
                 mask = self.latent_cache.get_alpha_mask(entry.latent_key, flipped)
                 out["alpha_mask"] = mask if mask is not None else _mask_only(
                     entry.path, entry.bucket, entry.resized_size, entry.size, subset.resize_interpolation, flipped)
+            if entry.control is not None:
+                out.update(self._cached_control(entry, subset.resize_interpolation, flipped))
         else:
             img = load_image(entry.path, keep_alpha=subset.alpha_mask)
             # A header size that disagrees with the pixels (stale metadata image_size) must not distort.
@@ -170,9 +174,26 @@ class BatchDataset(Dataset):
             )
             out["image"] = prepared.pixels
             out["alpha_mask"] = prepared.alpha_mask
+            if entry.control is not None:
+                control = prepare_control(load_image(entry.control), prepared.plan, flipped=prepared.flipped,
+                                          interpolation=subset.resize_interpolation, kind=self.control_kind)
+                if self.control_kind == "reference":
+                    out["control_image"] = control
+                else:
+                    out["mask"], out["masked_image"] = control, masked_image(prepared.pixels, control)
         if self.text_cache is not None:
             out["text"] = self.text_cache.get(caption)
         return out
+
+
+    def _cached_control(self, entry: Any, interpolation: str | None, flipped: bool) -> dict[str, torch.Tensor]:
+        """A cached sample's pair: its reference image's latents, or its mask and its masked image's latents."""
+        if self.control_kind == "reference":
+            return {"control_latents": self.latent_cache.get(entry.control_latent_key, flipped)}
+        plan = plan_resize(entry.size, entry.bucket, random_crop=False, rng=None, resized_size=entry.resized_size)
+        mask = prepare_control(load_image(entry.control), plan, flipped=flipped, interpolation=interpolation,
+                               kind="mask")
+        return {"mask": mask, "masked_latents": self.latent_cache.get(entry.masked_latent_key, flipped)}
 
 
 def _mask_only(path: Any, bucket: tuple[int, int], resized: tuple[int, int], size: tuple[int, int],
@@ -201,7 +222,9 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
     Keys: `captions` list[str], `image_paths` list[str], `loss_weights` float32 [B], `dop` bool [B];
     `images` [B,3,H,W] in [-1,1] or `latents` [B,16,h,w]; `alpha_masks` [B,1,H,W] (ones for samples without
     a mask) or None; `text` the family's text outputs (FLUX.1: clip_pooled [B,768], t5_out [B,L,4096], t5_mask
-    [B,L]), sequences padded to the longest L.
+    [B,L]), sequences padded to the longest L. With pairs: `control_images` [B,3,H,W] or `control_latents`
+    [B,16,h,w] (reference images), or `masks` [B,1,H,W] (0/1) with `masked_images` [B,3,H,W] or `masked_latents`
+    [B,16,h,w] (masks).
     """
     batch: dict[str, Any] = {
         "captions": [s["caption"] for s in samples],
@@ -209,7 +232,9 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
         "dop": torch.tensor([s["dop"] for s in samples], dtype=torch.bool),
     }
-    for key, out_key in (("image", "images"), ("latents", "latents")):
+    for key, out_key in (("image", "images"), ("latents", "latents"), ("control_image", "control_images"),
+                         ("control_latents", "control_latents"), ("mask", "masks"), ("masked_image", "masked_images"),
+                         ("masked_latents", "masked_latents")):
         if key in samples[0]:
             batch[out_key] = torch.stack([s[key] for s in samples])
     masks = [s["alpha_mask"] for s in samples]

@@ -156,6 +156,8 @@ def read_header(path: str | Path, *, flag: str | None = None) -> SafetensorsHead
 class ModelKind(StrEnum):
     FLUX = "flux"  # BFL single-file transformer (optionally model.diffusion_model.-prefixed)
     FLUX_DIFFUSERS = "flux-diffusers"  # diffusers FluxTransformer2DModel weights
+    CHROMA = "chroma"  # Chroma transformer, BFL/ComfyUI layout (optionally model.diffusion_model.-prefixed)
+    CHROMA_DIFFUSERS = "chroma-diffusers"  # diffusers ChromaTransformer2DModel weights
     AE = "ae"  # BFL autoencoder
     CLIP_L = "clip_l"  # CLIPTextModel, ComfyUI / sd-scripts layout
     T5XXL = "t5xxl"  # T5EncoderModel, ComfyUI / sd-scripts layout
@@ -166,6 +168,8 @@ class ModelKind(StrEnum):
 KIND_DESCRIPTIONS = {
     ModelKind.FLUX: "a FLUX transformer (BFL layout)",
     ModelKind.FLUX_DIFFUSERS: "a FLUX transformer (diffusers layout)",
+    ModelKind.CHROMA: "a Chroma transformer (BFL layout)",
+    ModelKind.CHROMA_DIFFUSERS: "a Chroma transformer (diffusers layout)",
     ModelKind.AE: "a FLUX autoencoder (ae.safetensors)",
     ModelKind.CLIP_L: "a CLIP-L text encoder",
     ModelKind.T5XXL: "a T5-XXL text encoder",
@@ -174,12 +178,19 @@ KIND_DESCRIPTIONS = {
 }
 
 
+#: Keys only LyCORIS adapter files have (LoKr, LoHa, full, DoRA), under the kohya `lora_unet_` / `lora_te*_` names.
+LYCORIS_KEY_ENDINGS = (".lokr_w1", ".lokr_w1_a", ".lokr_w2", ".lokr_w2_a", ".hada_w1_a", ".diff", ".dora_scale")
+
+
 def detect_kind(keys: Iterable[str]) -> ModelKind:
     """What a checkpoint is, from its key names alone."""
     keys = set(keys)
-    if any(k.endswith((".lora_down.weight", ".lora_A.weight", ".lora_B.weight")) for k in keys):
+    if any(k.endswith((".lora_down.weight", ".lora_A.weight", ".lora_B.weight", *LYCORIS_KEY_ENDINGS)) for k in keys):
         return ModelKind.LORA
     stripped = {k[len(COMFY_PREFIX):] if k.startswith(COMFY_PREFIX) else k for k in keys}
+    if "distilled_guidance_layer.in_proj.weight" in stripped:  # Chroma's approximator, in both layouts
+        bfl = "img_in.weight" in stripped or any(k.startswith(("double_blocks.", "single_blocks.")) for k in stripped)
+        return ModelKind.CHROMA if bfl else ModelKind.CHROMA_DIFFUSERS
     if "double_blocks.0.img_attn.qkv.weight" in stripped or "img_in.weight" in stripped:
         return ModelKind.FLUX
     if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in keys) or "x_embedder.weight" in keys:

@@ -53,6 +53,7 @@ class FluxParams:
     theta: int = 10000
     qkv_bias: bool = True
     guidance_embed: bool = True
+    out_channels: int | None = None  # None = in_channels; FLUX.1 Fill reads 384 channels and predicts 64
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -60,6 +61,8 @@ class FluxParams:
         if sum(self.axes_dim) != self.hidden_size // self.num_heads:
             raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dimension {self.hidden_size // self.num_heads}")
         object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
+        if self.out_channels is None:
+            object.__setattr__(self, "out_channels", self.in_channels)
 
     @property
     def head_dim(self) -> int:
@@ -131,6 +134,7 @@ class FluxParams:
             axes_dim=axes_dim_for(head_dim),
             qkv_bias=qkv_bias,
             guidance_embed="guidance_in.in_layer.weight" in shapes,
+            out_channels=shape("final_layer.linear.weight", 2)[0],
         )
 
     def with_variant(self, variant: str) -> FluxParams:
@@ -145,7 +149,7 @@ class Flux(nn.Module):
         super().__init__()
         self.params = params
         self.in_channels = params.in_channels
-        self.out_channels = params.in_channels
+        self.out_channels = params.out_channels
         self.hidden_size = params.hidden_size
         self.num_heads = params.num_heads
         self.pe_embedder = EmbedND(dim=params.head_dim, theta=params.theta, axes_dim=list(params.axes_dim))
@@ -187,7 +191,7 @@ class Flux(nn.Module):
             timesteps: [B] σ in [0, 1] (kept fp32; ×1000 inside). y: [B, vec_in_dim] pooled CLIP.
             guidance: [B] raw guidance scale (dev only, required there). txt_mask: [B, L] True = real token;
                 it masks text keys only (all image tokens are always attended to).
-        Returns: [B, N, in_channels].
+        Returns: [B, N, out_channels] (= in_channels except for FLUX.1 Fill).
         """
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be [B, N, C] tensors, got {list(img.shape)} and {list(txt.shape)}")
@@ -215,4 +219,4 @@ class Flux(nn.Module):
         for block in self.single_blocks:
             img = block(img, vec, pe, attn_mask)
         img = img[:, txt.shape[1] :, ...]
-        return self.final_layer(img, vec)  # [B, N, in_channels]
+        return self.final_layer(img, vec)  # [B, N, out_channels]

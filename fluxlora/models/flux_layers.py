@@ -129,6 +129,9 @@ class ModulationOut:
     gate: Tensor
 
 
+DoubleModulation = tuple[tuple[ModulationOut, ModulationOut], tuple[ModulationOut, ModulationOut]]
+
+
 class Modulation(nn.Module):
     def __init__(self, dim: int, double: bool):
         super().__init__()
@@ -144,12 +147,14 @@ class Modulation(nn.Module):
 class DoubleStreamBlock(nn.Module):
     """Separate image and text weights, joint attention over [txt ‖ img]."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = False,
+                 modulation: bool = True):
         super().__init__()
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.hidden_size = hidden_size
-        self.img_mod = Modulation(hidden_size, double=True)
+        if modulation:  # Chroma has none: its modulations come precomputed from one approximator
+            self.img_mod = Modulation(hidden_size, double=True)
         self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.img_attn = SelfAttention(dim=hidden_size, num_heads=num_heads, qkv_bias=qkv_bias)
         self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -158,7 +163,8 @@ class DoubleStreamBlock(nn.Module):
             nn.GELU(approximate="tanh"),
             nn.Linear(mlp_hidden_dim, hidden_size, bias=True),
         )
-        self.txt_mod = Modulation(hidden_size, double=True)
+        if modulation:
+            self.txt_mod = Modulation(hidden_size, double=True)
         self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.txt_attn = SelfAttention(dim=hidden_size, num_heads=num_heads, qkv_bias=qkv_bias)
         self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -174,10 +180,15 @@ class DoubleStreamBlock(nn.Module):
         return q, k, v
 
     def forward(
-        self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, attn_mask: Tensor | None = None
+        self, img: Tensor, txt: Tensor, vec: Tensor | DoubleModulation, pe: Tensor, attn_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        img_mod1, img_mod2 = self.img_mod(vec)
-        txt_mod1, txt_mod2 = self.txt_mod(vec)
+        """`vec`: the conditioning vector [B, D] (through img_mod/txt_mod), or this block's precomputed
+        ((img_mod1, img_mod2), (txt_mod1, txt_mod2)) for a block built with `modulation=False`."""
+        if isinstance(vec, Tensor):
+            img_mod1, img_mod2 = self.img_mod(vec)
+            txt_mod1, txt_mod2 = self.txt_mod(vec)
+        else:
+            (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
 
         img_q, img_k, img_v = self._qkv(self.img_attn, (1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift)
         txt_q, txt_k, txt_v = self._qkv(self.txt_attn, (1 + txt_mod1.scale) * self.txt_norm1(txt) + txt_mod1.shift)
@@ -198,7 +209,7 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """DiT block with parallel attention and MLP over the joint sequence (one fused `linear1` in, `linear2` out)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, modulation: bool = True):
         super().__init__()
         self.hidden_dim = hidden_size
         self.num_heads = num_heads
@@ -210,10 +221,12 @@ class SingleStreamBlock(nn.Module):
         self.hidden_size = hidden_size
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp_act = nn.GELU(approximate="tanh")
-        self.modulation = Modulation(hidden_size, double=False)
+        if modulation:
+            self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        mod, _ = self.modulation(vec)
+    def forward(self, x: Tensor, vec: Tensor | ModulationOut, pe: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """`vec`: the conditioning vector [B, D] (through `modulation`), or the precomputed (shift, scale, gate)."""
+        mod = self.modulation(vec)[0] if isinstance(vec, Tensor) else vec
         x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
         qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)

@@ -65,8 +65,8 @@ def _where(flag: str | None) -> str:
     return f"{flag} " if flag else ""
 
 
-def _diffusers_files(folder: Path, flag: str | None) -> list[Path]:
-    """The weight files of a diffusers transformer folder (pipeline root or its transformer/ subfolder)."""
+def diffusers_weight_files(folder: Path, flag: str | None) -> list[Path]:
+    """The weight files of a diffusers transformer folder (pipeline root or its transformer/ subfolder), any family."""
     for base in (folder / "transformer", folder):
         index = base / f"{DIFFUSERS_WEIGHTS}.safetensors.index.json"
         if index.is_file():
@@ -100,7 +100,7 @@ def _main_dtype(headers: tuple[SafetensorsHeader, ...]) -> str:
 def _plan(path: str | Path, flag: str | None) -> _Plan:
     path = check_path(path, flag=flag)
     if path.is_dir():
-        headers = tuple(read_header(f, flag=flag) for f in _diffusers_files(path, flag))
+        headers = tuple(read_header(f, flag=flag) for f in diffusers_weight_files(path, flag))
         kinds = {require_kind(h, Kind.FLUX_DIFFUSERS, flag=flag) for h in headers}
     else:
         headers = (read_header(path, flag=flag),)

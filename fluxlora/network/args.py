@@ -18,6 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fluxlora.errors import ConfigError
+from fluxlora.network.adapter_args import (
+    LORA_FLUX_KEYS,
+    LYCORIS_KEYS,
+    LYCORIS_MODULE,
+    AdapterSpec,
+    check_combination,
+    parse_adapter_spec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,12 @@ _FLOAT_KEYS = ("rank_dropout", "module_dropout", "dropout", "ggpo_sigma", "ggpo_
 VALID_KEYS: tuple[str, ...] = (
     *TYPE_DIM_KEYS, "in_dims", "train_double_block_indices", "train_single_block_indices", "train_blocks",
     "network_reg_dims", "network_reg_lrs", *_BOOL_KEYS, *_FLOAT_KEYS, "conv_dim",
+)
+
+#: The keys `--network_module lycoris.kohya` accepts: LyCORIS' own plus the dropouts, LoRA+, T5 and verbose.
+LYCORIS_VALID_KEYS: tuple[str, ...] = (
+    *LYCORIS_KEYS, "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "dropout", "loraplus_lr_ratio",
+    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "train_t5xxl", "verbose",
 )
 
 _TRUE = ("true", "1", "yes")
@@ -108,6 +122,7 @@ class NetworkArgs:
     loraplus_text_encoder_lr_ratio: float | None = None
     conv_dim: int | None = None
     conv_alpha: float | None = None
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
     raw: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -238,23 +253,35 @@ def parse_network_args(
     network_args: Sequence[str] | Mapping[str, object] | None,
     *,
     network_dropout: float | None = None,
+    network_module: str | None = None,
 ) -> NetworkArgs:
     """Parse and validate `--network_args` (a list of `k=v` strings, or a dict from a config file).
+
+    `network_module` `lycoris.kohya` takes LyCORIS' keys (`algo`, `factor`, `preset`, ...; see
+    `fluxlora.network.adapter_args`); `networks.lora_flux` (the default) takes sd-scripts' keys plus `dora_wd` and
+    `wd_on_output`.
 
     `network_dropout` (from `--network_dropout`) is the neuron dropout actually used, as in sd-scripts; it is also
     recorded as `dropout` in `raw` (hence in `ss_network_args`) when the list has no `dropout` key.
     """
+    lycoris = network_module == LYCORIS_MODULE
+    valid = LYCORIS_VALID_KEYS if lycoris else (*VALID_KEYS, *LORA_FLUX_KEYS)
+    adapter_keys = LYCORIS_KEYS if lycoris else LORA_FLUX_KEYS
     values: dict[str, object] = {}
     type_dims: dict[str, int] = {}
     raw: dict[str, str] = {}
     for key, value in _items(network_args):
-        if key not in VALID_KEYS:
-            close = difflib.get_close_matches(key, VALID_KEYS, n=1)
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"{FLAG} {key!r} is not a known key; {hint}valid keys: {', '.join(VALID_KEYS)}", key=key)
+            module = network_module or "networks.lora_flux"
+            raise ConfigError(f"{FLAG} {key!r} is not a known key of {module}; {hint}valid keys: {', '.join(valid)}",
+                              key=key)
         if key in raw:
             raise ConfigError(f"{FLAG} {key!r} is given twice ({raw[key]!r} and {value!r}); keep one", key=key)
         raw[key] = value
+        if key in adapter_keys:
+            continue  # parsed below into the AdapterSpec
         if key in TYPE_DIM_KEYS:
             type_dims[key] = _parse_int(key, value)
         elif key == "in_dims":
@@ -291,4 +318,9 @@ def parse_network_args(
                           "ggpo_sigma=0.03 ggpo_beta=0.01)", key=missing)
     if "conv_dim" in values or "conv_alpha" in values:
         logger.warning("%s conv_dim/conv_alpha have no effect: FLUX has no Conv2d layers", FLAG)
-    return NetworkArgs(type_dims=type_dims, raw=raw, **values)  # type: ignore[arg-type]
+    adapter = parse_adapter_spec({k: raw[k] for k in adapter_keys if k in raw}, lycoris=lycoris,
+                                 parse_bool=_parse_bool, parse_int=_parse_int)
+    loraplus = any(k.startswith("loraplus") for k in values)
+    check_combination(adapter, dropout=values.get("dropout"), split_qkv=bool(values.get("split_qkv")),  # type: ignore[arg-type]
+                      ggpo="ggpo_sigma" in values, loraplus=loraplus)
+    return NetworkArgs(type_dims=type_dims, raw=raw, adapter=adapter, **values)  # type: ignore[arg-type]

@@ -38,6 +38,7 @@ import torch
 
 from fluxlora.errors import CheckpointError
 from fluxlora.models.diffusers_keys import DOUBLE_BLOCK_MAP, SINGLE_BLOCK_MAP, SWAPPED_HALVES, TOP_LEVEL_MAP
+from fluxlora.network.deltas import LYCORIS_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,9 @@ def detect_lora_format(keys: Iterable[str], metadata: Mapping[str, str] | None =
     Raises CheckpointError when the keys are not a LoRA in any of these forms.
     """
     keys = list(keys)
-    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
-        return "kohya"
+    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) or k.rpartition(".")[2] in LYCORIS_SUFFIXES
+           for k in keys):
+        return "kohya"  # LyCORIS modules (LoKr, LoHa, full, DoRA) use the kohya names too
     lora_ab = [k for k in keys if k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if lora_ab:
         if any(not k.startswith(("transformer.", "text_encoder.", "text_encoder_2.")) for k in lora_ab):

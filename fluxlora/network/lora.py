@@ -1,26 +1,34 @@
-"""The LoRA network for FLUX.1 (`--network_module networks.lora_flux`): sd-scripts' file format, fixed behaviour.
+"""The adapter network for FLUX.1 (`--network_module networks.lora_flux`, or `lycoris.kohya` with `algo=lokr|loha|
+locon|full`): sd-scripts' / LyCORIS' file format, fixed behaviour.
 
 `create_network` builds LoRA modules for the 304 DiT block Linears (plus `in_dims` input layers), CLIP-L (72,
 `lora_te1_`) and, with `train_t5xxl=True`, T5 (168, `lora_te3_`); `create_network_from_weights` takes per-module
 ranks and alphas from a file (`--dim_from_weights`) and keeps every other network_arg (spec §12.22 fixed).
 `load_weights` is strict and takes the scale from the file's alpha; `state_dict_for_save` writes kohya keys with
 `.alpha` for every module and split_qkv in the fused block-diagonal form other loaders read.
+
+Plain LoRA modules are `LoRAModule`; LoKr, LoHa, full and every DoRA variant are `Adapter`s (fluxlora.network.
+adapter) built from the `AdapterSpec` of the network args. Both share one interface, so everything here (and block
+swap, fp8 bases, checkpointing, merging and sampling) treats them alike. With `lycoris.kohya` the targets are the
+family's candidates filtered by LyCORIS' `preset`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fluxlora.errors import CheckpointError, ConfigError
+from fluxlora.network.adapter_args import AdapterSpec
+from fluxlora.network.adapters import ADAPTER_TYPES, ALL_SUFFIXES, adapter_from_file, algo_of, build_adapter
 from fluxlora.network.args import NetworkArgs, parse_network_args
 from fluxlora.network.groups import ParamGroups, build_param_groups
-from fluxlora.network.module import LoRAModule, gram_row_norms_sq
+from fluxlora.network.module import LoRAModule
 from fluxlora.network.saving import read_lora, save_lora
 from fluxlora.network.targets import (
     COMPONENT_PREFIXES,
@@ -28,13 +36,14 @@ from fluxlora.network.targets import (
     all_targets,
     check_block_indices,
     plan_rank,
+    select_by_preset,
 )
 
 __all__ = ["LoRAModule", "LoRANetwork", "LoadInfo", "create_network", "create_network_from_weights"]
 
 logger = logging.getLogger(__name__)
 
-_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+Module = LoRAModule | nn.Module  # a LoRAModule or an Adapter (ADAPTER_TYPES)
 
 
 @dataclass
@@ -51,7 +60,7 @@ class LoRANetwork(nn.Module):
     `<lora_name>.lora_down.weight` (split modules: `.lora_up.<j>.weight`) — the exact-resume form; files for other
     tools come from `state_dict_for_save`."""
 
-    def __init__(self, loras: Sequence[LoRAModule], args: NetworkArgs, *, multiplier: float = 1.0,
+    def __init__(self, loras: Sequence[Module], args: NetworkArgs, *, multiplier: float = 1.0,
                  train_unet: bool = True, train_text_encoder: bool = True):
         super().__init__()
         self.args = args
@@ -67,15 +76,15 @@ class LoRANetwork(nn.Module):
 
     # ---- module views -------------------------------------------------------------------------------------------
     @property
-    def loras(self) -> list[LoRAModule]:
-        return [m for m in self.children() if isinstance(m, LoRAModule)]
+    def loras(self) -> list[Module]:
+        return [m for m in self.children() if isinstance(m, ADAPTER_TYPES)]
 
     @property
-    def unet_loras(self) -> list[LoRAModule]:
+    def unet_loras(self) -> list[Module]:
         return [m for m in self.loras if m.component == "unet"]
 
     @property
-    def text_encoder_loras(self) -> list[LoRAModule]:
+    def text_encoder_loras(self) -> list[Module]:
         return [m for m in self.loras if m.component != "unet"]
 
     def get_trainable_params(self) -> list[nn.Parameter]:
@@ -112,23 +121,17 @@ class LoRANetwork(nn.Module):
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float, device: torch.device | str | None = None) -> tuple[int, float, float]:
-        """`--scale_weight_norms` (spec §5.6): per module Δ = scale·up@down, n = max(‖Δ‖_F, m/2),
-        ratio = min(n, m)/n; up and down are multiplied by √ratio when ratio ≠ 1.
+        """`--scale_weight_norms` (spec §5.6): per module n = max(‖ΔW‖_F, m/2), ratio = min(n, m)/n, and ΔW is
+        scaled by ratio when ratio ≠ 1 (LoRA: up and down by √ratio; the other algorithms scale one factor).
         Returns (modules scaled, mean and max of the norms after scaling)."""
         scaled, norms = 0, []
         for lora in self.loras:
-            up, down = lora.fused_factors()
-            up_f, down_f = up.float().to(device or up.device), down.float().to(device or up.device)
-            # ‖up@down‖_F² = Σ rows of the Gram form: no [out, in] matrix.
-            norm = float(gram_row_norms_sq(up_f, down_f).sum().sqrt()) * abs(lora.scale)
+            norm = lora.delta_norm()
             clamped = max(norm, max_norm / 2)
             ratio = min(clamped, max_norm) / clamped
             if ratio != 1.0:
                 scaled += 1
-                root = ratio**0.5
-                lora.lora_down.weight.mul_(root)
-                for w in lora.up_weights():
-                    w.mul_(root)
+                lora.scale_delta_(ratio)
             norms.append(norm * ratio)
         if not norms:
             return 0, 0.0, 0.0
@@ -145,14 +148,11 @@ class LoRANetwork(nn.Module):
     # ---- saving -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def state_dict_for_save(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Kohya keys, `.alpha` for every module (never 0), split modules fused (block-diagonal up, alpha × k)."""
+        """Kohya / LyCORIS keys: LoRA with `.alpha` for every module (never 0), split modules fused (block-diagonal
+        up, alpha × k); LoKr / LoHa / full / DoRA with LyCORIS' suffixes (`file_tensors` of each module)."""
         out: dict[str, torch.Tensor] = {}
         for lora in self.loras:
-            up, down = lora.fused_factors()
-            tensors = {"lora_down.weight": down, "lora_up.weight": up,
-                       "alpha": torch.tensor(lora.fused_alpha(), dtype=torch.float32)}
-            for suffix, tensor in tensors.items():
-                tensor = tensor.detach().to("cpu", copy=True)
+            for suffix, tensor in lora.file_tensors().items():
                 out[f"{lora.lora_name}.{suffix}"] = tensor.to(dtype) if dtype is not None else tensor
         return out
 
@@ -169,10 +169,11 @@ class LoRANetwork(nn.Module):
     @torch.no_grad()
     def load_lora_state_dict(self, tensors: Mapping[str, torch.Tensor], *, path: str | Path = "<state dict>",
                              flag: str = "--network_weights") -> LoadInfo:
-        """Load kohya-keyed tensors. Every key must belong to a module of this network with a fitting shape;
-        otherwise a CheckpointError names the first bad keys and how many there are. Keys of a component the flags
-        turned off (`lora_te*` with --network_train_unet_only, `lora_unet` with --network_train_text_encoder_only)
-        are skipped with a warning. A missing `.alpha` means alpha = rank (what diffusers and ComfyUI assume)."""
+        """Load kohya / LyCORIS-keyed tensors. Every key must belong to a module of this network with a fitting
+        shape and the module's algorithm; otherwise a CheckpointError names the first bad keys and how many there
+        are. Keys of a component the flags turned off (`lora_te*` with --network_train_unet_only, `lora_unet` with
+        --network_train_text_encoder_only) are skipped with a warning. A missing `.alpha` means alpha = rank (what
+        diffusers and ComfyUI assume)."""
         modules = {lora.lora_name: lora for lora in self.loras}
         off = [p for c, p in COMPONENT_PREFIXES.items() if not (self.train_unet if c == "unet" else self.train_text_encoder)]
         info, unknown, wrong = LoadInfo(), [], []
@@ -182,21 +183,12 @@ class LoRANetwork(nn.Module):
             if name not in modules and any(name.startswith(p + "_") for p in off):
                 info.skipped.append(key)
                 continue
-            if name not in modules or suffix not in _SUFFIXES:
+            if name not in modules or suffix not in ALL_SUFFIXES:
                 unknown.append(key)
                 continue
             grouped.setdefault(name, {})[suffix] = tensor
         for name, parts in grouped.items():
-            lora = modules[name]
-            up, down = lora.fused_factors()
-            want = {"lora_down.weight": tuple(down.shape), "lora_up.weight": tuple(up.shape)}
-            for suffix in ("lora_down.weight", "lora_up.weight"):
-                if suffix not in parts:
-                    wrong.append(f"{name}.{suffix} (missing)")
-                elif tuple(parts[suffix].shape) != want[suffix]:
-                    wrong.append(f"{name}.{suffix} (file {list(parts[suffix].shape)}, network {list(want[suffix])})")
-            if "alpha" in parts and parts["alpha"].numel() != 1:
-                wrong.append(f"{name}.alpha (file {list(parts['alpha'].shape)}, expected a scalar)")
+            wrong += modules[name].file_problems(parts)
         problems = [f"{len(unknown)} key(s) that match no module of this network, first {unknown[:3]}"] if unknown else []
         if wrong:
             problems.append(f"{len(wrong)} shape problem(s), first {wrong[:3]}")
@@ -206,19 +198,9 @@ class LoRANetwork(nn.Module):
                 "and --network_dim/--network_args, or rebuild the network from the file with --dim_from_weights",
                 path=path, key=flag)
         for name, parts in grouped.items():
-            lora = modules[name]
-            up = parts["lora_up.weight"].float()
-            if lora.split_dims is not None and not _is_block_diagonal(up, lora.split_dims, lora.lora_dim):
-                raise CheckpointError(
-                    f"{flag} {path}: {name} was not trained with split_qkv (its up weight is not block-diagonal); "
-                    "load it without split_qkv=True", path=path, key=flag)
-            lora.load_fused(up, parts["lora_down.weight"].float())
-            fused_rank = lora.lora_dim * lora.parts
-            alpha = float(parts["alpha"].float()) if "alpha" in parts else float(fused_rank)
-            if alpha == 0.0:
+            if "alpha" in parts and float(parts["alpha"].float()) == 0.0:
                 logger.warning("%s: %s.alpha is 0, read as alpha = rank as sd-scripts does", path, name)
-                alpha = float(fused_rank)
-            lora.set_alpha(alpha / lora.parts)
+            modules[name].load_file_tensors(parts)
             info.loaded += 1
         info.missing = sorted(set(modules) - set(grouped))
         if info.missing:
@@ -230,11 +212,6 @@ class LoRANetwork(nn.Module):
         return info
 
 
-def _is_block_diagonal(up: torch.Tensor, split_dims: Sequence[int], rank: int) -> bool:
-    mask = torch.block_diag(*[torch.ones(d, rank, dtype=torch.bool) for d in split_dims])
-    return bool((up[~mask] == 0).all())
-
-
 def _build(
     targets: list[Target],
     ranks: Mapping[str, int],
@@ -244,13 +221,22 @@ def _build(
     multiplier: float,
     generator: torch.Generator | None,
     split_divides: bool = False,
-) -> list[LoRAModule]:
-    loras = []
+) -> list[Module]:
+    loras: list[Module] = []
     for target in targets:
         rank = ranks.get(target.name, 0)
         if rank <= 0:
             if args.verbose:
                 logger.info("skipped (rank 0): %s", target.name)
+            continue
+        if not args.adapter.plain_lora:
+            adapter = build_adapter(target.name, target.module, args.adapter, rank=rank, alpha=alphas.get(target.name),
+                                    multiplier=multiplier, rank_dropout=args.rank_dropout,
+                                    module_dropout=args.module_dropout, generator=generator)
+            adapter.component = target.component
+            if args.verbose:
+                logger.info("%s: %s", target.name, adapter.extra_repr())
+            loras.append(adapter)
             continue
         split = target.split_dims if args.split_qkv and target.component == "unet" else []
         alpha = alphas.get(target.name)
@@ -283,10 +269,13 @@ def create_network(
     train_unet: bool = True,
     train_text_encoder: bool = True,
     generator: torch.Generator | None = None,
+    network_module: str | None = None,
 ) -> LoRANetwork:
-    """Build the LoRA network (not yet applied: call `apply_to`). `network_dim` None → 4; `network_alpha` None → 1,
-    0 → rank. `text_encoders` is [clip_l, t5xxl] (either may be None). `generator` drives the init of `lora_down`."""
-    args = network_args if isinstance(network_args, NetworkArgs) else parse_network_args(network_args, network_dropout=neuron_dropout)
+    """Build the adapter network (not yet applied: call `apply_to`). `network_dim` None → 4; `network_alpha` None → 1,
+    0 → rank. `text_encoders` is [clip_l, t5xxl] (either may be None). `generator` drives the init. `network_module`
+    names the args' spelling: `networks.lora_flux` (default) or `lycoris.kohya`."""
+    args = network_args if isinstance(network_args, NetworkArgs) else parse_network_args(
+        network_args, network_dropout=neuron_dropout, network_module=network_module)
     dim = 4 if network_dim is None else int(network_dim)
     alpha = 1.0 if network_alpha is None else float(network_alpha)
     if dim <= 0:
@@ -297,10 +286,17 @@ def create_network(
         check_block_indices(flux, args)
     targets = all_targets(flux, text_encoders, train_unet=train_unet, train_text_encoder=train_text_encoder,
                           train_t5xxl=args.train_t5xxl)
+    spec = args.adapter
+    if spec.lycoris:
+        encoders = list(text_encoders) + [None]
+        targets = select_by_preset(targets, {"unet": flux, "clip_l": encoders[0]}, spec.preset)
     ranks = {t.name: plan_rank(t, dim, args) for t in targets}
     loras = _build(targets, ranks, {t.name: alpha for t in targets}, args, multiplier=multiplier, generator=generator)
-    logger.info("LoRA network: %d modules, rank %d, alpha %g%s", len(loras), dim, alpha,
-                ", split qkv" if args.split_qkv else "")
+    if not loras:
+        raise ConfigError(f"the network has no module: preset={spec.preset.name} and the block/rank settings select no "
+                          "layer of this model", key="network_args")
+    logger.info("%s network: %d modules, rank %d, alpha %g%s%s", spec.algo.upper() if spec.lycoris else "LoRA",
+                len(loras), dim, alpha, ", split qkv" if args.split_qkv else "", ", DoRA" if spec.dora_wd else "")
     return LoRANetwork(loras, args, multiplier=multiplier, train_unet=train_unet, train_text_encoder=train_text_encoder)
 
 
@@ -316,11 +312,14 @@ def create_network_from_weights(
     train_text_encoder: bool = True,
     weights_sd: Mapping[str, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    network_module: str | None = None,
 ) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
     """`--dim_from_weights`: one module per LoRA in the file, with the file's rank and alpha; dropouts, LoRA+, GGPO,
     reg LRs and split_qkv still come from `network_args` (rank-shaping args are ignored, with a warning). T5 modules
-    exist iff the file has `lora_te3_` keys. Weights are not loaded here: call `load_weights` / `load_lora_state_dict`."""
-    args = network_args if isinstance(network_args, NetworkArgs) else parse_network_args(network_args, network_dropout=neuron_dropout)
+    exist iff the file has `lora_te3_` keys. Weights are not loaded here: call `load_weights` / `load_lora_state_dict`.
+    Each module's algorithm comes from its keys: LoKr, LoHa, full and DoRA modules are built shaped like the file's."""
+    args = network_args if isinstance(network_args, NetworkArgs) else parse_network_args(
+        network_args, network_dropout=neuron_dropout, network_module=network_module)
     if weights_sd is None:
         if file is None:
             raise ConfigError("--dim_from_weights needs --network_weights <file>", key="dim_from_weights")
@@ -329,18 +328,28 @@ def create_network_from_weights(
                            "network_reg_dims", *args.type_dims) if k in args.raw]
     if shaping:
         logger.warning("--dim_from_weights: the file sets every rank, so network_args %s are ignored", ", ".join(shaping))
-    dims: dict[str, int] = {}
-    alphas: dict[str, float | None] = {}
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights_sd.items():
         name, _, suffix = key.partition(".")
-        if suffix == "lora_down.weight":
-            dims[name] = int(value.shape[0])
-        elif suffix == "alpha":
-            alphas[name] = float(value.float())
-    has_t5 = any(n.startswith("lora_te3_") for n in dims)
+        grouped.setdefault(name, {})[suffix] = value
+    plain = {n for n, parts in grouped.items() if algo_of(parts) == "lora" and "dora_scale" not in parts}
+    dims = {n: int(grouped[n]["lora_down.weight"].shape[0]) for n in plain if "lora_down.weight" in grouped[n]}
+    alphas = {n: float(parts["alpha"].float()) for n, parts in grouped.items() if "alpha" in parts}
+    has_t5 = any(n.startswith("lora_te3_") for n in grouped)
     targets = all_targets(flux, text_encoders, train_unet=train_unet, train_text_encoder=train_text_encoder,
                           train_t5xxl=has_t5)
-    loras = _build(targets, dims, alphas, args, multiplier=multiplier, generator=generator, split_divides=True)
+    plain_args = replace(args, adapter=AdapterSpec())  # the file decides each module's algorithm
+    loras = _build([t for t in targets if t.name in plain], dims, alphas, plain_args, multiplier=multiplier,
+                   generator=generator, split_divides=True)
+    for target in targets:
+        if target.name in grouped and target.name not in plain and algo_of(grouped[target.name]) is not None:
+            try:
+                adapter = adapter_from_file(target.name, target.module, grouped[target.name], multiplier=multiplier,
+                                            rank_dropout=args.rank_dropout, module_dropout=args.module_dropout)
+            except ValueError as err:
+                raise CheckpointError(f"{file or 'the LoRA'}: {err}", path=file, key=target.name) from None
+            adapter.component = target.component
+            loras.append(adapter)
     network = LoRANetwork(loras, args, multiplier=multiplier, train_unet=train_unet, train_text_encoder=train_text_encoder)
     logger.info("LoRA network from weights: %d modules", len(loras))
     return network, dict(weights_sd)

@@ -268,3 +268,59 @@ class LoRAModule(nn.Module):
         split = f", split={self.split_dims}" if self.split_dims else ""
         return f"{self.lora_name}: rank={self.lora_dim}, alpha={float(self.alpha):g}{split}"
 
+
+    # ---- the adapter interface shared with fluxlora.network.adapter.Adapter (LoKr, LoHa, full, DoRA) ---------------
+    algo = "lora"
+    dora = False
+
+    def delta_bias(self, multiplier: float | None = None) -> Tensor | None:
+        return None  # LoRA never changes the bias
+
+    @torch.no_grad()
+    def file_tensors(self) -> dict[str, Tensor]:
+        """kohya keys: `lora_down.weight`, `lora_up.weight` (split modules fused, block-diagonal up) and `alpha`."""
+        up, down = self.fused_factors()
+        return {"lora_down.weight": down.detach().to("cpu", copy=True),
+                "lora_up.weight": up.detach().to("cpu", copy=True),
+                "alpha": torch.tensor(self.fused_alpha(), dtype=torch.float32)}
+
+    def file_problems(self, parts: dict[str, Tensor]) -> list[str]:
+        """Why `parts` (suffix → tensor) cannot load into this module; empty when it fits. `alpha` is optional."""
+        up, down = self.fused_factors()
+        want = {"lora_down.weight": tuple(down.shape), "lora_up.weight": tuple(up.shape)}
+        problems = [f"{self.lora_name}.{s} (not a LoRA key)" for s in parts if s not in (*want, "alpha")]
+        for suffix, shape in want.items():
+            if suffix not in parts:
+                problems.append(f"{self.lora_name}.{suffix} (missing)")
+            elif tuple(parts[suffix].shape) != shape:
+                problems.append(f"{self.lora_name}.{suffix} (file {list(parts[suffix].shape)}, network {list(shape)})")
+        if "alpha" in parts and parts["alpha"].numel() != 1:
+            problems.append(f"{self.lora_name}.alpha (file {list(parts['alpha'].shape)}, expected a scalar)")
+        if not problems and self.split_dims is not None:
+            mask = torch.block_diag(*[torch.ones(d, self.lora_dim, dtype=torch.bool) for d in self.split_dims])
+            if not bool((parts["lora_up.weight"][~mask] == 0).all()):
+                problems.append(f"{self.lora_name} was not trained with split_qkv (its up weight is not "
+                                "block-diagonal); load it without split_qkv=True")
+        return problems
+
+    @torch.no_grad()
+    def load_file_tensors(self, parts: dict[str, Tensor]) -> None:
+        """Load checked file tensors; a missing alpha means alpha = rank, and alpha 0 is read as rank (sd-scripts)."""
+        self.load_fused(parts["lora_up.weight"].float(), parts["lora_down.weight"].float())
+        fused_rank = self.lora_dim * self.parts
+        alpha = float(parts["alpha"].float()) if "alpha" in parts else float(fused_rank)
+        self.set_alpha((alpha or float(fused_rank)) / self.parts)
+
+    @torch.no_grad()
+    def delta_norm(self) -> float:
+        """‖scale · up @ down‖_F without forming the matrix (Gram identity)."""
+        up, down = (t.float() for t in self.fused_factors())
+        return float(gram_row_norms_sq(up, down).sum().sqrt()) * abs(self.scale)
+
+    @torch.no_grad()
+    def scale_delta_(self, ratio: float) -> None:
+        """Scale ΔW by `ratio`: up and down each by √ratio (sd-scripts' max-norm rule)."""
+        root = math.sqrt(ratio)
+        self.lora_down.weight.mul_(root)
+        for w in self.up_weights():
+            w.mul_(root)

@@ -14,12 +14,14 @@ Input layers (`in_dims`) and text-encoder modules skip steps 2-3. Every module's
 
 from __future__ import annotations
 
+import fnmatch
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from fluxlora.network.adapter_args import Preset
 from fluxlora.network.args import IN_DIM_LAYERS, TYPE_DIM_KEYS, NetworkArgs, last_match
 
 PREFIX_UNET = "lora_unet"
@@ -172,3 +174,36 @@ def all_targets(
     if train_unet and flux is not None:
         targets += dit_targets(flux)
     return targets
+
+
+def _matches(pattern: str, name: str, use_fnmatch: bool) -> bool:
+    if use_fnmatch:
+        return fnmatch.fnmatch(name, pattern)
+    return pattern == name or re.match(pattern, name) is not None
+
+
+def select_by_preset(targets: Sequence[Target], roots: Mapping[str, nn.Module | None], preset: Preset) -> list[Target]:
+    """LyCORIS' preset rules over the family's candidate targets (per component root model, e.g. `{"unet": flux,
+    "clip_l": clip}`): a target is kept when one of its ancestors (or itself) has a class named in the preset's
+    `*_target_module` list, or its module path matches a `*_target_name` pattern (regex from the start, or fnmatch),
+    and its path matches no `exclude_name` pattern. Paths are the model's own and the kohya form (`text_model.…`
+    for CLIP). T5 targets (LyCORIS has none) are kept as they are: `train_t5xxl` chose them."""
+    kept = []
+    index = {c: ({id(m): n for n, m in r.named_modules()}, dict(r.named_modules())) for c, r in roots.items() if r is not None}
+    for target in targets:
+        if target.component == "t5xxl" or target.component not in index:
+            kept.append(target)
+            continue
+        ids, modules = index[target.component]
+        path = ids.get(id(target.module), target.path)
+        unet = target.component == "unet"
+        classes = preset.unet_target_module if unet else preset.text_encoder_target_module
+        names = preset.unet_target_name if unet else preset.text_encoder_target_name
+        parts = path.split(".")
+        chain = ["", *(".".join(parts[: i + 1]) for i in range(len(parts)))]
+        by_class = any(type(modules[p]).__name__ in classes for p in chain if p in modules)
+        by_name = any(_matches(pat, p, preset.use_fnmatch) for pat in names for p in {path, target.path})
+        excluded = any(_matches(pat, p, preset.use_fnmatch) for pat in preset.exclude_name for p in {path, target.path})
+        if (by_class or by_name) and not excluded:
+            kept.append(target)
+    return kept

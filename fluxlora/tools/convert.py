@@ -15,6 +15,7 @@ import logging
 from fluxlora.errors import CheckpointError, ConfigError, FluxLoraError
 from fluxlora.files import save_safetensors
 from fluxlora.models.checkpoints import load_tensors, read_header
+from fluxlora.network.deltas import ALGO_NAMES, algorithm, group_modules, is_lycoris
 from fluxlora.network.formats import detect_lora_format, from_kohya, to_kohya
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ def convert(args: argparse.Namespace) -> None:
             shown = {v: k for k, v in FORMAT_NAMES.items()}[found]
             raise ConfigError(f"the file is in {shown} format but --src is {args.src}; pass --src {shown}", key="--src")
         tensors = load_tensors(header)
+        if found == "kohya":
+            refuse_lycoris(tensors, args.dst)
         kohya = to_kohya(tensors, found, hidden_size=args.hidden_size, drop_unmapped=args.drop_unmapped)
         out = from_kohya(kohya, dst, hidden_size=args.hidden_size)
     except FluxLoraError as err:
@@ -46,6 +49,17 @@ def convert(args: argparse.Namespace) -> None:
     save_safetensors(args.dst_path, out, header.metadata)
     logger.info("converted %s (%s, %d tensors) -> %s (%s, %d tensors)", header.path, args.src, len(tensors),
                 args.dst_path, args.dst, len(out))
+
+
+def refuse_lycoris(tensors, dst: str) -> None:
+    """LoKr / LoHa / full / DoRA modules have no diffusers / PEFT / ai-toolkit LoRA form: say so, write nothing."""
+    lycoris = {n: algorithm(p) for n, p in group_modules(tensors).items() if is_lycoris(p)}
+    if lycoris:
+        kinds = sorted({ALGO_NAMES[a] for a in lycoris.values()})
+        raise ConfigError(f"{len(lycoris)} module(s) are {'/'.join(kinds)} (LyCORIS), e.g. {next(iter(lycoris))}; "
+                          f"the {dst} LoRA format holds only plain LoRA pairs, so converting would load wrongly — use the "
+                          "file as it is (ComfyUI, fluxlora generate) or merge it into the model with flux_merge_lora.py",
+                          key="--src_path")
 
 
 def build_parser() -> argparse.ArgumentParser:

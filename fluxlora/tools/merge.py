@@ -1,7 +1,9 @@
 """`flux_merge_lora.py`: merge LoRAs into FLUX / CLIP-L / T5 checkpoints, or into one LoRA (spec §10.3).
 
 Into a model: `W += ratio · (up @ down) · alpha/rank` per module, in `--precision` on `--working_device`, LoRAs
-applied in the order given. Fixes of spec §12.32:
+applied in the order given.
+LyCORIS modules (LoKr, LoHa, full, DoRA; fluxlora.network.deltas) add the change they define: W += ratio · ΔW,
+b += ratio · diff_b, and DoRA W += ratio · (DoRA(W, ΔW) − W) on the weight merged so far. Fixes of spec §12.32:
 - the output keeps each tensor's dtype from the base file unless `--save_precision` is given (sd-scripts wrote fp32);
 - `model.diffusion_model.`-prefixed bases work and keep their prefix; `--save_to name.safetensors` works;
 - diffusers / ai-toolkit / PEFT LoRAs are converted with the generic key map (every block index; detected from
@@ -29,6 +31,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,10 +47,19 @@ from fluxlora.models.checkpoints import (
     require_kind,
     strip_prefix,
 )
+from fluxlora.network.deltas import (
+    ALGO_NAMES,
+    algorithm,
+    delta_shape,
+    group_modules,
+    is_lycoris,
+    module_delta,
+)
 from fluxlora.network.formats import (
     KOHYA_PREFIXES,
     LoraModule,
     detect_lora_format,
+    kohya_module_path,
     read_kohya,
     to_kohya,
     write_kohya,
@@ -90,17 +102,43 @@ def lora_modelspec(variant: str, title: str, *, merged_from: str | None = None) 
     return modelspec(info)
 
 
+@dataclass
+class LycorisModule:
+    """A LoKr / LoHa / full / DoRA module of a file: its tensors by suffix (maths in fluxlora.network.deltas)."""
+
+    parts: dict[str, torch.Tensor]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return delta_shape(self.parts)
+
+
+Module = LoraModule | LycorisModule
+
+
 def load_lora(path: str | Path, flag: str = "--models", *, hidden_size: int | None = None,
-              ignore_unmatched: bool = False) -> tuple[dict[str, LoraModule], dict[str, str]]:
+              ignore_unmatched: bool = False) -> tuple[dict[str, Module], dict[str, str]]:
     """Read a LoRA file in any supported format as kohya modules (pickles are refused), plus its metadata.
+    LyCORIS modules (LoKr, LoHa, full, DoRA) come as `LycorisModule`s.
 
     Keys that name no FLUX / CLIP-L / T5 Linear are an error, or dropped with a warning when `ignore_unmatched`.
     """
     header = read_header(path, flag=flag)
     try:
         fmt = detect_lora_format(header.tensors, header.metadata)
-        sd = to_kohya(load_tensors(header), fmt, hidden_size=hidden_size, drop_unmapped=ignore_unmatched)
-        return read_kohya(sd), header.metadata
+        tensors = load_tensors(header)
+        lycoris: dict[str, Module] = {}
+        if fmt == "kohya":
+            groups = group_modules(tensors)
+            names = [n for n, parts in groups.items() if is_lycoris(parts)]
+            unknown = [n for n in names if kohya_module_path(n) is None]
+            if unknown and not ignore_unmatched:
+                raise CheckpointError(f"{len(unknown)} LyCORIS module(s) map to no FLUX / CLIP-L / T5 module, first "
+                                      f"{unknown[:3]}; pass --ignore_unmatched to merge the rest", key=unknown[0])
+            lycoris = {n: LycorisModule(groups[n]) for n in names if n not in unknown}
+            tensors = {k: v for k, v in tensors.items() if k.partition(".")[0] not in names}
+        sd = to_kohya(tensors, fmt, hidden_size=hidden_size, drop_unmapped=ignore_unmatched) if tensors else {}
+        return {**read_kohya(sd), **lycoris}, header.metadata
     except FluxLoraError as err:
         # formats.py names the convert flag; here the same switch is --ignore_unmatched
         message = str(err).replace("--drop_unmapped to convert", "--ignore_unmatched to merge")
@@ -161,12 +199,19 @@ def merge_into_models(args: argparse.Namespace, ratios: list[float]) -> None:
                 unmatched.append(f"{name} ({path.name})")
                 continue
             out_f, in_f = header.shapes[key]
-            if tuple(module.up.shape)[0] != out_f or tuple(module.down.shape)[1] != in_f:
+            shape = module.shape if isinstance(module, LycorisModule) else (module.up.shape[0], module.down.shape[1])
+            if tuple(shape) != (out_f, in_f):
                 raise CheckpointError(
-                    f"--models {path}: module {name} is {module.up.shape[0]}x{module.down.shape[1]} but {flag} "
+                    f"--models {path}: module {name} is {shape[0]}x{shape[1]} but {flag} "
                     f"{header.path} key {key!r} is {out_f}x{in_f}; the LoRA was trained for another model",
                     path=path, key=key)
             plan[prefix].append((key, module, ratio))
+            if isinstance(module, LycorisModule) and "diff_b" in module.parts:
+                bias_key = key[: -len(".weight")] + ".bias"
+                if bias_key not in header.shapes:
+                    raise CheckpointError(f"--models {path}: module {name} changes a bias but {flag} {header.path} "
+                                          f"has no {bias_key!r}", path=path, key=bias_key)
+                plan[prefix].append((bias_key, module, ratio))
     for prefix, count in skipped.items():
         flag = next(f for p, f, _, _ in _BASES if p == prefix)
         logger.warning("%d LoRA module(s) for %s are not merged because %s was not given", count, prefix, flag)
@@ -195,11 +240,11 @@ def merge_into_models(args: argparse.Namespace, ratios: list[float]) -> None:
         logger.info("merged %d module(s) into %s -> %s", len(plan[prefix]), header.path, out)
 
 
-def _merge_file(header: SafetensorsHeader, plan: list[tuple[str, LoraModule, float]], merge_dtype: torch.dtype,
+def _merge_file(header: SafetensorsHeader, plan: list[tuple[str, Module, float]], merge_dtype: torch.dtype,
                 save_dtype: torch.dtype | None, working_device: str, loading_device: str) -> dict[str, torch.Tensor]:
     """The base file's tensors with every planned delta added, each cast to its output dtype as soon as it is done
     (so a 12B model never has a second full-size copy in the merge precision)."""
-    by_key: dict[str, list[tuple[LoraModule, float]]] = {}
+    by_key: dict[str, list[tuple[Module, float]]] = {}
     for key, module, ratio in plan:
         by_key.setdefault(key, []).append((module, ratio))
     tensors = load_tensors(header, device=loading_device)
@@ -208,6 +253,11 @@ def _merge_file(header: SafetensorsHeader, plan: list[tuple[str, LoraModule, flo
         if key in by_key:
             weight = tensor.to(working_device, merge_dtype)
             for module, ratio in by_key[key]:
+                if isinstance(module, LycorisModule):
+                    parts = {k: v.to(working_device) for k, v in module.parts.items()}
+                    delta, bias = module_delta(parts, weight, ratio)  # DoRA reads the weight merged so far
+                    weight = weight + (bias if key.endswith(".bias") else delta).to(merge_dtype)
+                    continue
                 up = module.up.to(working_device, merge_dtype)
                 down = module.down.to(working_device, merge_dtype)
                 weight = weight + ratio * (up @ down) * module.scale
@@ -246,6 +296,13 @@ def merge_loras(args: argparse.Namespace, ratios: list[float]) -> None:
     save_dtype = parse_precision(args.save_precision, "--save_precision")
     merge_dtype = parse_precision(args.precision, "--precision", allow_fp8=False) or torch.float32
     loras = [(Path(p), r, *load_lora(p)) for p, r in zip(args.models, ratios, strict=True)]
+    for path, _, modules, _ in loras:
+        lycoris = [n for n, m in modules.items() if isinstance(m, LycorisModule)]
+        if lycoris:
+            kinds = "/".join(sorted({ALGO_NAMES[algorithm(modules[n].parts)] for n in lycoris}))
+            raise ConfigError(f"--models {path}: {len(lycoris)} module(s) are {kinds} (LyCORIS), e.g. {lycoris[0]}; "
+                              "they cannot be summed into one LoRA file — merge them into the model instead "
+                              "(--flux_model/--clip_l/--t5xxl with --save_to)", key="--models")
     contributions: dict[str, list[tuple[LoraModule, float]]] = {}
     for _, ratio, modules, _ in loras:
         for name, module in modules.items():

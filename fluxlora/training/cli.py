@@ -56,14 +56,17 @@ def train(argv: list[str], *, configure_logging: bool = False, callbacks: Sequen
     if cfg.training.dry_run:
         print(f"--dry_run: checks passed; {plan.summary()}")
         return None
+    from fluxlora.training.control import record_outcome
     from fluxlora.training.setup import build_run
     from fluxlora.training.trainer import Trainer
 
-    run = build_run(plan)  # errors found while loading (e.g. a LoRA that does not fit) leave no output folder
-    cfg.saving.output_dir.mkdir(parents=True, exist_ok=True)
-    if run.processes.is_main:
-        remove_stale_temp_files(cfg.saving.output_dir)  # leftovers of saves interrupted by a crash
-    result = Trainer(run, callbacks=callbacks, loss_hook=loss_hook).train()
+    with record_outcome(cfg) as outcome:  # control channel: loading / finished / failed (exit code, error) events
+        run = build_run(plan)  # errors found while loading (e.g. a LoRA that does not fit) leave no output folder
+        cfg.saving.output_dir.mkdir(parents=True, exist_ok=True)
+        if run.processes.is_main:
+            remove_stale_temp_files(cfg.saving.output_dir)  # leftovers of saves interrupted by a crash
+        result = Trainer(run, callbacks=callbacks, loss_hook=loss_hook).train()
+        outcome.finished(steps=result.global_step, lora=result.final_lora)
     print(f"done: {result.global_step} steps; LoRA saved to {result.final_lora}")
     return result
 
@@ -77,12 +80,18 @@ def main(argv: list[str]) -> int:
 
 
 def check_main(argv: list[str]) -> int:
-    """`fluxlora check <training flags>`: every check that needs no weights, then the plan's summary and memory."""
+    """`fluxlora check [--vram GB] <training flags>`: every check that needs no weights, then the plan's summary and
+    memory; with --vram, what to add for a GPU of that size (`fluxlora.training.presets`)."""
+    from fluxlora.training.presets import pop_vram, presets_for
+
+    argv, vram = pop_vram(argv)
     plan = prepare(argv, configure_logging=True)
     if plan is not None:
         print(f"ok: {plan.summary()}")
         for line in plan.memory_lines():
             print(line)
+        for preset in presets_for(plan, vram or ()):
+            print("\n".join(preset.lines()))
     return 0
 
 

@@ -75,6 +75,7 @@ class RunPlan:
     family: ModelFamily
     model: ModelInfo
     encoder_files: Mapping[str, Path]  # component -> file, in the family's order
+    headers: Mapping[str, SafetensorsHeader]  # component (and "ae") -> file header, read once
     text_length: int
     precision: Precision
     residency: Residency
@@ -205,7 +206,7 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
     workload = _with(workload, blocks_to_swap=blocks_to_swap,
                      checkpoint_blocks=None if checkpointed is None else len(checkpointed))
     plan = RunPlan(
-        cfg=cfg, family=family, model=info, encoder_files=encoder_files, text_length=text_length,
+        cfg=cfg, family=family, model=info, encoder_files=encoder_files, headers=headers, text_length=text_length,
         precision=precision, residency=residency, device=device, num_processes=num_processes,
         blocks_to_swap=blocks_to_swap, checkpointed=checkpointed, blueprint=blueprint, data=data, seed=seed,
         optimizer_args=optimizer_args, scheduler_args=scheduler_args, schedule=schedule,

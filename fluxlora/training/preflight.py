@@ -126,7 +126,8 @@ def check_network_args(cfg: TrainConfig) -> Any:
     """--network_args, parsed as the network will parse them (unknown names, bad values)."""
     from fluxlora.network.args import parse_network_args
 
-    return parse_network_args(list(cfg.network.network_args), network_dropout=cfg.network.network_dropout)
+    return parse_network_args(list(cfg.network.network_args), network_dropout=cfg.network.network_dropout,
+                              network_module=cfg.network.network_module)  # adapters: lycoris.kohya spelling
 
 
 def check_optimizer_flags(cfg: TrainConfig) -> dict[str, object]:

@@ -124,12 +124,14 @@ def _trainable(plan: RunPlan, models: Models, device: torch.device) -> tuple[Tra
     if n.dim_from_weights:
         network, _ = create_network_from_weights(1.0, n.network_weights, models.transformer, te_list,
                                                  network_args=list(n.network_args), neuron_dropout=n.network_dropout,
-                                                 train_unet=train_unet, train_text_encoder=train_te)
+                                                 train_unet=train_unet, train_text_encoder=train_te,
+                                                 network_module=n.network_module)  # adapters: LyCORIS args
     else:
         network = create_network(1.0, n.network_dim, n.network_alpha, models.transformer, te_list,
                                  network_args=list(n.network_args), neuron_dropout=n.network_dropout,
                                  train_unet=train_unet, train_text_encoder=train_te,
-                                 generator=torch.Generator().manual_seed(plan.seed))
+                                 generator=torch.Generator().manual_seed(plan.seed),
+                                 network_module=n.network_module)  # adapters: LyCORIS args
     if n.network_weights is not None:
         info = network.load_weights(n.network_weights)
         logger.info("--network_weights: %d modules loaded from %s", info.loaded, n.network_weights)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fluxlora.data.loader import make_dataloader, set_epoch
 from fluxlora.errors import TrainingError
+from fluxlora.training.control import RunControl
 from fluxlora.training.logs import LossRecorder, plot_losses
 from fluxlora.training.metadata import lora_metadata
 from fluxlora.training.optim import eval_mode
@@ -79,11 +80,14 @@ class Trainer:
         self.plan = run.plan
         self.cfg = run.plan.cfg
         self.result = TrainResult()
-        self.callbacks: tuple[StepCallback, ...] = tuple(callbacks)
         self.loss_hook = loss_hook
         self.stop_signal: int | None = None
         self._first_signal_at = 0.0  # time.monotonic() of the stop request
         self.recorder = LossRecorder(window=max(1, run.plan.data.num_batches_per_epoch))
+        # control channel (fluxlora.training.control): the run's event log, and sample/save/stop commands acted on
+        # after each step, as the last step callback (so its time is not a step's)
+        self.control = RunControl(self)
+        self.callbacks: tuple[StepCallback, ...] = (*callbacks, self.control.after_step)
 
     @property
     def counters(self):
@@ -339,9 +343,9 @@ class Trainer:
     def _save_checkpoint(self, lora_path: Path, state_dir: Path, *, epoch: int | None = None) -> None:
         self.result.saved.append(self.save_lora(lora_path, epoch=epoch))
         if self.cfg.saving.save_state:
-            self._save_state(state_dir)
+            self.save_training_state(state_dir)
 
-    def _save_state(self, state_dir: Path) -> None:
+    def save_training_state(self, state_dir: Path) -> None:
         """Every process calls this (the RNG states of all are gathered); only the main process writes."""
         run = self.run
         rng_states = run.processes.gather_rng_states()
@@ -377,7 +381,7 @@ class Trainer:
         self.result.final_lora, self.result.global_step = final, c.global_step
         self.result.saved.append(final)
         if cfg.saving.save_state or cfg.saving.save_state_on_train_end:
-            self._save_state(self.plan.outputs.last_state())
+            self.save_training_state(self.plan.outputs.last_state())
         if run.processes.is_main and self.result.losses:
             plot_losses(cfg.saving.output_dir / "loss.png", self.result.losses, validation=self.result.validation)
         if cfg.logging.log_with:
@@ -415,7 +419,7 @@ class Trainer:
         c, signum = self.run.counters, self.stop_signal or signal.SIGINT
         if self.cfg.saving.save_state:
             state = self.plan.outputs.last_state()
-            self._save_state(state)
+            self.save_training_state(state)
             how = f"resume with --resume {state}"
         else:
             how = "add --save_state to be able to resume; the LoRA so far is saved"

@@ -336,7 +336,7 @@ resolution = 512
 network_multiplier = 0.5
   [[datasets.subsets]]
   face_crop_aug_range = [2.0, 4.0]
-  conditioning_data_dir = "{img_dir.as_posix()}"
+  conditioning_data_dir = "{img_dir.as_posix()}/missing"
 [validation]
 batch_size = 1
 """
@@ -347,9 +347,9 @@ batch_size = 1
         "general.shuffle_captions",
         "datasets[0].subsets[0].num_repeats",
         "datasets[0].resolution",
-        "datasets[1].subsets[0].conditioning_data_dir",
         "datasets[1].subsets[0].image_dir",
         "datasets[1].subsets[0].face_crop_aug_range",
+        "datasets[1].subsets[0].conditioning_data_dir",
         "datasets[1].network_multiplier",
     ]
     assert "validation_split" in probs[0]

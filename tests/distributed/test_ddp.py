@@ -21,6 +21,7 @@ from ddp_launch import REPO, accelerate_launch, launch_and_interrupt
 from safetensors.torch import load_file
 
 from fluxlora.training.cli import train
+from fluxlora.training.control import events_path, read_events
 from fluxlora.training.state import load_state
 
 # Two processes each importing torch/transformers on a 2-core CPU: ~30-50 s per launch (three launches).
@@ -104,6 +105,19 @@ def test_step_state_of_a_two_process_run_holds_every_process_rng(two_process_run
     assert saved.fingerprint["num_processes"] == 2
 
 
+def test_a_save_command_is_acted_on_by_every_process_after_the_same_step(two_process_run):
+    """ddp_worker.py drops a `save` command after step 2 on the main process only: the processes agree on it, so
+    the state of step 2 holds both processes' RNG states, and the log records the command once."""
+    out = two_process_run["out"]
+    saved = load_state(out / "lora-step00000002-state")
+    assert saved.counters.global_step == 2 and len(saved.rng_by_process) == 2
+    events, _ = read_events(events_path(out, "lora"))
+    commands = [e for e in events if e["event"] == "command"]
+    assert len(commands) == 1 and commands[0]["command"] == "save" and commands[0]["step"] == 2
+    assert "lora-step00000002-state" in commands[0]["files"]
+    assert [e["step"] for e in events if e["event"] == "step"] == list(range(1, STEPS + 1))
+
+
 def test_interrupted_two_process_run_resumes_exactly_with_one_set_of_outputs(two_process_run, tiny_ckpts,
                                                                               ddp_dataset):
     """Ctrl-C (SIGINT to every process and the launcher) after step 1: all processes stop after the same step and
@@ -131,7 +145,13 @@ def test_interrupted_two_process_run_resumes_exactly_with_one_set_of_outputs(two
     # the caches of the first run are reused by both processes
     assert sorted(_cache_counts(log, "latent cache")) == [(4, 0), (4, 0)]
     # one set of outputs, no temporary or partial files, each written once (only the main process saves)
-    assert sorted(p.name for p in resumed_out.iterdir()) == ["lora-state", "lora.safetensors", "loss.png"]
+    assert sorted(p.name for p in resumed_out.iterdir()) == [".lora.control", "lora-state", "lora.safetensors",
+                                                             "loss.png"]
+    # the event log is written by the main process only: every step of the resumed run once, then the outcome
+    events, _ = read_events(events_path(resumed_out, "lora"))
+    assert [e["step"] for e in events if e["event"] == "step"] == list(range(stopped.counters.global_step + 1,
+                                                                             STEPS + 1))
+    assert events[-1]["event"] == "finished"
     assert sorted(p.name for p in (resumed_out / "lora-state").iterdir()) == sorted(
         ["COMPLETE", "network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "rng_1.pt",
          "train_state.json"])

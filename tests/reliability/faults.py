@@ -11,6 +11,11 @@ A fault spec holds `;`-separated `name=value` entries (the same strings the subp
                          of its bytes (a full disk); `disk_full=*` fails every write
     step_file=/tmp/x     after each optimizer step (and its saves) the global step is written to this file, so a
                          parent process knows how far a training subprocess got
+    step_delay=0.2       each optimizer step sleeps this many seconds at its end, so a browser test can press
+                         buttons while a tiny run is still training
+
+A subprocess gets them with `python tests/reliability/faults.py SPEC <training flags>` (the trainer's command
+line with the spec's hooks installed).
 
 `Faults(spec)` turns a spec into the hooks: `write` for `fluxlora.files.WRITE_HOOKS`, `loss` for the trainer's
 `loss_hook`, `step` for its step callbacks. `installed(spec)` adds the write hook for the duration of a block.
@@ -80,6 +85,9 @@ class Faults:
         target = self.settings.get("step_file")
         if target:
             Path(target).write_text(str(step), encoding="utf-8")
+        delay = self.settings.get("step_delay")
+        if delay:
+            time.sleep(float(delay))
 
 
 @contextlib.contextmanager
@@ -104,3 +112,9 @@ def train_main(argv: list[str], spec: str | None) -> int:
         return 0
 
     return guarded(command)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(train_main(sys.argv[2:], sys.argv[1]))

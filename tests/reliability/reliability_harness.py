@@ -125,7 +125,7 @@ def kill_job(job: dict[str, Any]) -> dict[str, Any]:
         time.sleep(rng.uniform(0.0, job["window"]))
         os.kill(pid, signal.SIGKILL)
         code = _exit_code(pid)
-        temp_left = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+        temp_left = sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".lora.control")
         after = newest_complete_state(out)
         lives.append({
             "life": life, "exit_code": code, "resumed_from_step": before_step,
