@@ -97,7 +97,7 @@ def _checkpointing(w: Workload, usable: int) -> tuple[dict[str, Any], Workload] 
     n = smallest_checkpoint_blocks_that_fit(w, usable)
     if n is None:
         return None
-    total = w.params.depth + w.params.depth_single_blocks
+    total = w.shape.double_blocks + w.shape.single_blocks
     fitted = replace(w, gradient_checkpointing=True, checkpoint_blocks=None if n >= total else n)
     if not _fits(fitted, usable):  # the caching phase does not shrink with checkpointing
         return None

@@ -12,7 +12,7 @@ from fluxlora.models.fp8 import store_linears_in_fp8
 from fluxlora.models.tiny import random_flux
 from fluxlora.network.adapter import base_weight
 from fluxlora.network.lora import create_network
-from fluxlora.training import flow
+from fluxlora import flow
 from fluxlora.families.flux1.family import FLUX1
 from fluxlora.training.blocks import apply_block_policy
 from fluxlora.training.memory import BlockSwapper, swapped_positions
