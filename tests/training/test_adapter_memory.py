@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fluxlora import flow
 from fluxlora.errors import ConfigError
+from fluxlora.families.flux1.family import FLUX1
 from fluxlora.models.flux import FluxParams, axes_dim_for
 from fluxlora.models.fp8 import store_linears_in_fp8
 from fluxlora.models.tiny import random_flux
 from fluxlora.network.adapter import base_weight
 from fluxlora.network.lora import create_network
-from fluxlora import flow
-from fluxlora.families.flux1.family import FLUX1
 from fluxlora.training.blocks import apply_block_policy
 from fluxlora.training.memory import BlockSwapper, swapped_positions
 

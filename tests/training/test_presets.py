@@ -10,9 +10,9 @@ import pytest
 
 from fluxlora.config.train_config import parse_train_config
 from fluxlora.errors import ConfigError
+from fluxlora.families.flux1.shape import flux_shape, t5_encode_bytes
 from fluxlora.models.flux import FluxParams
 from fluxlora.training.cli import check_main
-from fluxlora.families.flux1.shape import flux_shape, t5_encode_bytes
 from fluxlora.training.plan import build_plan
 from fluxlora.training.planner import Workload, estimate
 from fluxlora.training.presets import (
