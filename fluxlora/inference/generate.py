@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +42,34 @@ DEFAULT_STEPS = {"dev": 50, "schnell": 4}
 
 
 # ---------------------------------------------------------------------------------------- flags
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """The flags of `flux_minimal_inference.py` (sd-scripts names), typed and checked (`parse_generate_args`)."""
+
+    ckpt_path: Path
+    clip_l: Path
+    t5xxl: Path
+    ae: Path
+    dtypes: dict[str, torch.dtype]  # per model: clip_l, t5xxl, ae, flux (--dtype unless set per model)
+    tokenizer_cache_dir: Path | None = None
+    apply_t5_attn_mask: bool = False
+    prompt: str = "A photo of a cat"
+    negative_prompt: str = ""
+    cfg_scale: float = 1.0
+    guidance: float = 3.5
+    steps: int | None = None  # None: the variant's default
+    seed: int | None = None
+    width: int = 1360  # a multiple of 16
+    height: int = 768
+    output_dir: Path = Path(".")
+    device: str | None = None
+    offload: bool = False
+    lora_weights: tuple[tuple[Path, float], ...] = ()
+    merge_lora_weights: bool = False
+    from_file: Path | None = None
+    interactive: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +127,31 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
                           key="--lora_weights") from None
 
 
+def parse_generate_args(argv: Sequence[str]) -> GenerateOptions:
+    """The command line as `GenerateOptions`: required files, model type, dtypes, LoRA specs and sizes checked."""
+    a = build_parser().parse_args(list(argv))
+    if a.model_type != "flux":
+        raise ConfigError(f"--model_type {a.model_type}: only FLUX.1 (flux) is supported", key="--model_type")
+    for flag in ("clip_l", "t5xxl", "ae"):
+        if not getattr(a, flag):
+            raise ConfigError(f"--{flag} is required: pass the {flag}.safetensors file", key=f"--{flag}")
+    base = parse_dtype(a.dtype, "--dtype")
+    dtypes = {n: parse_dtype(getattr(a, f"{n}_dtype"), f"--{n}_dtype") if getattr(a, f"{n}_dtype") else base
+              for n in ("clip_l", "t5xxl", "ae", "flux")}
+    if a.steps is not None and a.steps < 1:
+        raise ConfigError(f"--steps {a.steps}: must be at least 1", key="--steps")
+    return GenerateOptions(
+        ckpt_path=Path(a.ckpt_path), clip_l=Path(a.clip_l), t5xxl=Path(a.t5xxl), ae=Path(a.ae), dtypes=dtypes,
+        tokenizer_cache_dir=Path(a.tokenizer_cache_dir) if a.tokenizer_cache_dir else None,
+        apply_t5_attn_mask=a.apply_t5_attn_mask, prompt=a.prompt, negative_prompt=a.negative_prompt,
+        cfg_scale=a.cfg_scale, guidance=a.guidance, steps=a.steps, seed=a.seed,
+        width=round_up_16(a.width, "--width"), height=round_up_16(a.height, "--height"),
+        output_dir=Path(a.output_dir), device=a.device, offload=a.offload,
+        lora_weights=tuple(parse_lora_spec(spec) for spec in a.lora_weights),
+        merge_lora_weights=a.merge_lora_weights, from_file=Path(a.from_file) if a.from_file else None,
+        interactive=a.interactive)
+
+
 def round_up_16(value: int, flag: str) -> int:
     if value <= 0:
         raise ConfigError(f"{flag} {value}: must be positive", key=flag)
@@ -137,22 +190,15 @@ def read_lora_network(path: Path, multiplier: float, flux: nn.Module, text_encod
 class Generator:
     """The loaded models and settings of one `generate` run."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: GenerateOptions):
         from fluxlora.models.autoencoder import load_ae
         from fluxlora.models.flux_loading import inspect_flux, load_flux
         from fluxlora.models.text_encoders import encode_prompts, load_clip_l, load_t5xxl
         from fluxlora.models.tokenizers import load_tokenizers, t5_max_length_for
 
-        if args.model_type != "flux":
-            raise ConfigError(f"--model_type {args.model_type}: only FLUX.1 (flux) is supported", key="--model_type")
-        for flag in ("clip_l", "t5xxl", "ae"):
-            if not getattr(args, flag):
-                raise ConfigError(f"--{flag} is required: pass the {flag}.safetensors file", key=f"--{flag}")
         info = inspect_flux(args.ckpt_path, flag="--ckpt_path")
         self.variant = info.variant
-        base = parse_dtype(args.dtype, "--dtype")
-        dtypes = {n: parse_dtype(getattr(args, f"{n}_dtype"), f"--{n}_dtype") if getattr(args, f"{n}_dtype") else base
-                  for n in ("clip_l", "t5xxl", "ae", "flux")}
+        dtypes = args.dtypes
         self.flux_fp8 = dtypes["flux"] if dtypes["flux"] in FP8 else None
         self.compute_dtype = torch.bfloat16 if self.flux_fp8 else dtypes["flux"]
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -169,7 +215,7 @@ class Generator:
 
         self.merged = args.merge_lora_weights
         self.networks = [read_lora_network(path, mult, self.flux, [self.clip, self.t5])
-                         for path, mult in map(parse_lora_spec, args.lora_weights)]
+                         for path, mult in args.lora_weights]
         if self.merged:
             for network in self.networks:
                 network.merge_into_base()  # before any fp8 storage, so the sum is taken in the compute dtype
@@ -189,8 +235,8 @@ class Generator:
 
         self.encode_fn: EncodeFn = encode
         self.apply_t5_attn_mask = args.apply_t5_attn_mask
-        self.extra_info = {"model": Path(args.ckpt_path).name,
-                           "loras": ", ".join(args.lora_weights) if args.lora_weights else ""}
+        self.extra_info = {"model": args.ckpt_path.name,
+                           "loras": ", ".join(f"{path};{mult:g}" for path, mult in args.lora_weights)}
 
     def _stage(self, name: str) -> None:
         groups = {"encode": [self.clip, self.t5], "denoise": [self.flux], "decode": [self.ae]}
@@ -292,17 +338,13 @@ def interactive_loop(generator: Generator, base: SamplePrompt, output_dir: Path,
 
 def main(argv: Sequence[str]) -> int:
     """Run `flux_minimal_inference.py` / `fluxlora generate` with sd-scripts' flags; returns the exit code."""
-    args = build_parser().parse_args(list(argv))
-    width = round_up_16(args.width, "--width")
-    height = round_up_16(args.height, "--height")
-    output_dir = Path(args.output_dir)
+    args = parse_generate_args(argv)
+    output_dir = args.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     generator = Generator(args)
     steps = args.steps if args.steps is not None else DEFAULT_STEPS[generator.variant]
-    if steps < 1:
-        raise ConfigError(f"--steps {steps}: must be at least 1", key="--steps")
-    base = SamplePrompt(prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height,
-                        seed=args.seed, steps=steps, guidance=args.guidance, cfg_scale=args.cfg_scale)
+    base = SamplePrompt(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
+                        height=args.height, seed=args.seed, steps=steps, guidance=args.guidance, cfg_scale=args.cfg_scale)
     if args.interactive:
         interactive_loop(generator, base, output_dir)
         return 0

@@ -8,8 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fluxlora.config.config_file import maybe_write_output_config
-from fluxlora.config.defaults import describe_differences
-from fluxlora.config.train_config import TrainConfig, parse_train_config
+from fluxlora.config.train_config import TrainConfig, describe_differences, parse_train_config
 from fluxlora.errors import FluxLoraError
 from fluxlora.files import remove_stale_temp_files
 from fluxlora.training.preflight import Preflight, run_preflight

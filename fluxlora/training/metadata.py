@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fluxlora.config.train_config import TrainConfig
-from fluxlora.network.saving import build_metadata
+from fluxlora.network.metadata import build_metadata, flux1_architecture
 from fluxlora.training.preflight import Preflight
 
 
@@ -30,7 +30,6 @@ def lora_metadata(cfg: TrainConfig, pre: Preflight, facts: RunFacts, *, steps: i
     data = pre.data
     info: dict[str, Any] = {k: v for k, v in flat.items() if not k.startswith(("wandb_", "huggingface_"))}
     info.update(
-        model_variant=pre.flux_info.variant,
         network_args=network_args or None,
         max_train_steps=facts.max_train_steps,
         session_id=facts.session_id,
@@ -51,4 +50,5 @@ def lora_metadata(cfg: TrainConfig, pre: Preflight, facts: RunFacts, *, steps: i
         tag_frequency=json.dumps(data.tag_frequency()),
         dataset_dirs=json.dumps(data.dataset_dirs()),
     )
-    return build_metadata(info, no_metadata=cfg.saving.no_metadata)
+    architecture = flux1_architecture(pre.flux_info.variant)  # the model family will supply these strings
+    return build_metadata(info, architecture, detail="minimal" if cfg.saving.no_metadata else "full")

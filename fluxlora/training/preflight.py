@@ -14,18 +14,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxlora.config.dataset import (
-    DatasetBlueprint,
-    DatasetDefaults,
-    blueprint_from_flags,
-    load_dataset_config,
-)
-from fluxlora.config.train_config import TrainConfig, check_caching_conflicts, dataset_defaults_kwargs
+from fluxlora.config.dataset import DatasetBlueprint, blueprint_from_flags, load_dataset_config
+from fluxlora.config.train_config import TrainConfig, check_caching_conflicts
 from fluxlora.data.datasets import TrainingData, build_training_data
 from fluxlora.errors import CheckpointError, ConfigError
 from fluxlora.models.checkpoints import ModelKind, read_header, require_kind
 from fluxlora.models.flux_loading import FluxInfo, inspect_flux
 from fluxlora.models.tokenizers import t5_max_length_for
+from fluxlora.training.launch import launched_world_size
 from fluxlora.training.memory import check_memory_flags
 from fluxlora.training.planner import check_checkpoint_blocks
 from fluxlora.training.state import COMPLETE_MARKER
@@ -78,7 +74,7 @@ def check_network_weights(cfg: TrainConfig, info: FluxInfo) -> None:
 
 
 def load_blueprint(cfg: TrainConfig) -> DatasetBlueprint:
-    defaults = DatasetDefaults(**dataset_defaults_kwargs(cfg))
+    defaults = cfg.dataset_flags  # cfg: the TOML resolves against the command-line values directly
     if cfg.dataset_flags.dataset_config is not None:
         return load_dataset_config(cfg.dataset_flags.dataset_config, defaults)
     return blueprint_from_flags(defaults)
@@ -118,15 +114,26 @@ def check_resume_dir(resume: Path | None) -> None:
                           path=resume, key="--resume")
 
 
-def check_training_flags(cfg: TrainConfig) -> None:
-    """--network_args and the optimizer (name, package, --optimizer_args), parsed as training will parse them."""
-    from fluxlora.network.args import parse_network_args
-    from fluxlora.training.optim import check_optimizer, parse_optimizer_args
+def check_training_flags(cfg: TrainConfig, num_training_steps: int) -> None:
+    """The optimizer (name, package, --optimizer_args) and the LR scheduler (name, --lr_scheduler_args, warm-up
+    within the run, min-LR ratio), each built over a dummy parameter. --network_args are parsed in the config."""
+    from fluxlora.training.optim import check_optimizer
+    from fluxlora.training.schedulers import check_scheduler
 
-    parse_network_args(list(cfg.network.network_args), network_dropout=cfg.network.network_dropout,
-                       network_module=cfg.network.network_module)  # adapters: lycoris.kohya spelling
-    check_optimizer(cfg.optim.optimizer_type, learning_rate=cfg.optim.learning_rate,
-                    optimizer_args=parse_optimizer_args(list(cfg.optim.optimizer_args)))
+    spec = cfg.optim.optimizer_spec
+    check_optimizer(spec.optimizer_type, learning_rate=spec.learning_rate, optimizer_args=spec.args)
+    check_scheduler(cfg.optim.scheduler_spec, spec, num_training_steps=num_training_steps)  # cfg: scheduler check
+
+
+def planned_steps(cfg: TrainConfig, data: TrainingData, num_processes: int) -> int:
+    """Optimizer steps of the run: --max_train_epochs x steps per epoch, else --max_train_steps (as setup counts)."""
+    from fluxlora.data.loader import StepClock
+
+    if not cfg.training.max_train_epochs:
+        return cfg.training.max_train_steps
+    per_epoch = StepClock(data.num_batches_per_epoch, cfg.training.gradient_accumulation_steps,
+                          num_processes).steps_per_epoch
+    return cfg.training.max_train_epochs * per_epoch
 
 
 def run_preflight(cfg: TrainConfig) -> Preflight:
@@ -136,7 +143,6 @@ def run_preflight(cfg: TrainConfig) -> Preflight:
     check_checkpoint_blocks(cfg, info)
     t5_len = t5_max_length_for(info.variant, cfg.flow.t5xxl_max_token_length)
     check_network_weights(cfg, info)
-    check_training_flags(cfg)
     check_output_dir(cfg.saving.output_dir)
     check_resume_dir(cfg.saving.resume)
     blueprint = load_blueprint(cfg)
@@ -147,6 +153,7 @@ def run_preflight(cfg: TrainConfig) -> Preflight:
                                     cache_text_encoder_outputs=cfg.caching.cache_text_encoder_outputs)
     if problems:
         raise ConfigError("; ".join(problems), key=problems[0].split(":", 1)[0])
+    check_training_flags(cfg, planned_steps(cfg, data, launched_world_size()))  # cfg: needs the run length
     if cfg.sampling.sample_prompts is not None:
         from fluxlora.inference.prompts import load_prompt_file
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,13 @@ from fluxlora.training.components import (
     precision_for,
     residency_for,
 )
+from fluxlora.training.launch import launched_world_size  # cfg: moved so preflight can count the run steps
 from fluxlora.training.metadata import RunFacts
-from fluxlora.training.optim import build_optimizer, parse_kv_args, parse_optimizer_args, required_scheduler
+from fluxlora.training.optim import build_optimizer
 from fluxlora.training.outputs import OutputNames, save_every_n_epochs
 from fluxlora.training.preflight import Preflight
 from fluxlora.training.run import Run
-from fluxlora.training.schedulers import build_scheduler
+from fluxlora.training.schedulers import scheduler_from_spec
 from fluxlora.training.state import TrainCounters, fingerprint_differences, load_state, restore_rng
 
 logger = logging.getLogger(__name__)
@@ -67,14 +67,6 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     if world_size == 1 and (cfg.memory.ddp_gradient_as_bucket_view or cfg.memory.ddp_static_graph):
         logger.info("--ddp_* flags only matter with several processes (accelerate launch --num_processes N)")
     return accelerator
-
-
-def launched_world_size() -> int:
-    """Processes the launcher (accelerate launch, torchrun, MPI) started; 1 for a plain `python` run."""
-    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 1
 
 
 def run_fingerprint(cfg: TrainConfig, pre: Preflight, num_processes: int = 1) -> dict[str, Any]:
@@ -137,12 +129,12 @@ def build_run(cfg: TrainConfig, pre: Preflight) -> Run:
     te_list = [models.clip, models.t5]
     if n.dim_from_weights:
         network, _ = create_network_from_weights(1.0, n.network_weights, models.flux, te_list,
-                                                 network_args=list(n.network_args), neuron_dropout=n.network_dropout,
+                                                 network_args=n.network_spec, neuron_dropout=n.network_dropout,
                                                  train_unet=train_unet, train_text_encoder=train_te,
                                                  network_module=n.network_module)  # adapters: LyCORIS args
     else:
         network = create_network(1.0, n.network_dim, n.network_alpha, models.flux, te_list,
-                                 network_args=list(n.network_args), neuron_dropout=n.network_dropout,
+                                 network_args=n.network_spec, neuron_dropout=n.network_dropout,
                                  train_unet=train_unet, train_text_encoder=train_te, generator=generator,
                                  network_module=n.network_module)  # adapters: LyCORIS args
     if n.network_weights is not None:
@@ -155,9 +147,9 @@ def build_run(cfg: TrainConfig, pre: Preflight) -> Run:
     train_t5 = any(m.component == "t5xxl" for m in network.loras)
 
     groups = network.prepare_optimizer_params(list(n.text_encoder_lr) or None, n.unet_lr, cfg.optim.learning_rate)
-    optimizer, description = build_optimizer(cfg.optim.optimizer_type, groups.groups,
-                                              learning_rate=cfg.optim.learning_rate,
-                                              optimizer_args=parse_optimizer_args(list(cfg.optim.optimizer_args)))
+    spec = cfg.optim.optimizer_spec
+    optimizer, description = build_optimizer(spec.optimizer_type, groups.groups, learning_rate=spec.learning_rate,
+                                              optimizer_args=spec.args)
 
     per_epoch = StepClock(pre.data.num_batches_per_epoch, cfg.training.gradient_accumulation_steps,
                           accelerator.num_processes).steps_per_epoch
@@ -166,14 +158,7 @@ def build_run(cfg: TrainConfig, pre: Preflight) -> Run:
     else:
         max_steps = cfg.training.max_train_steps
     num_epochs = max(1, math.ceil(max_steps / per_epoch))
-    o = cfg.optim
-    scheduler = build_scheduler(
-        required_scheduler(optimizer) or o.lr_scheduler, optimizer, num_training_steps=max_steps,
-        num_warmup_steps=o.lr_warmup_steps, num_decay_steps=o.lr_decay_steps, num_cycles=o.lr_scheduler_num_cycles,
-        power=o.lr_scheduler_power, timescale=o.lr_scheduler_timescale, min_lr_ratio=o.lr_scheduler_min_lr_ratio,
-        scheduler_type=o.lr_scheduler_type, scheduler_args=parse_kv_args(list(o.lr_scheduler_args), "--lr_scheduler_args"),
-        initial_lr=o.learning_rate,
-    )
+    scheduler = scheduler_from_spec(cfg.optim.scheduler_spec, optimizer, num_training_steps=max_steps)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision.mixed_precision == "fp16" else None
 
     facts = RunFacts(optimizer=description, num_epochs=num_epochs, max_train_steps=max_steps)
