@@ -174,7 +174,24 @@ def _check_sizes(res: Resolver, problems: Problems) -> tuple[int, int] | None:
             problems.add(hi_where, f"{hi} is smaller than the resolution's longer side {max(resolution)}; "
                          f"raise it to {max(resolution)} or more")
             ok = False
+        if ok and lo is not None and lo < step and step % FLUX_MULTIPLE == 0:
+            problems.add(s_where, _step_above_min(step, lo, lo_where, resolution))
+            ok = False
     return resolution if ok else None
+
+
+def _step_above_min(step: int, lo: int, lo_where: str, resolution: tuple[int, int]) -> str:
+    """sd-scripts floors min_bucket_reso to a multiple of bucket_reso_steps: below one step it becomes 0 and the
+    bucket table divides by zero. Say which values work."""
+    fits = lo // FLUX_MULTIPLE * FLUX_MULTIPLE
+    fix = [f"bucket_reso_steps = {fits} (or another multiple of {FLUX_MULTIPLE} up to {lo})"] if fits else []
+    if min(resolution) >= step:
+        fix.append(f"{lo_where.rsplit('.', 1)[-1].lstrip('-')} = {step} or more")
+    else:
+        fix.append(f"resolution and min_bucket_reso of at least {step}")
+    return (f"{step} is larger than min_bucket_reso {lo} ({lo_where}, resolution {resolution[0]}x{resolution[1]}): "
+            f"buckets are multiples of bucket_reso_steps, so the smallest would have a side of 0; use "
+            + " or ".join(fix))
 
 
 def _nearest_multiple(v: int) -> int:

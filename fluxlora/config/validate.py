@@ -114,6 +114,8 @@ def derive(values: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[dict[st
             d[name] = None
     for name in PATH_FLAGS:
         d[name] = Path(d[name]) if d[name] is not None else None
+    if d["logging_dir"] is not None and d["log_with"] is None:
+        d["log_with"] = "tensorboard"  # sd-scripts turns TensorBoard on from --logging_dir alone
     return d, errors, notes
 
 

@@ -27,7 +27,8 @@ from fluxlora.training.components import (
     precision_for,
     residency_for,
 )
-from fluxlora.training.launch import launched_world_size  # cfg: moved so preflight can count the run steps
+from fluxlora.training.launch import launched_world_size
+from fluxlora.training.logs import tracker_dir  # cfg: moved so preflight can count the run steps
 from fluxlora.training.metadata import RunFacts
 from fluxlora.training.optim import build_optimizer
 from fluxlora.training.outputs import OutputNames, save_every_n_epochs
@@ -50,7 +51,8 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     kwargs: dict[str, Any] = {}
     if cfg.logging.log_with:
         kwargs["log_with"] = cfg.logging.log_with
-        kwargs["project_dir"] = str(cfg.logging.logging_dir) if cfg.logging.logging_dir else None
+        kwargs["project_dir"] = (str(tracker_dir(cfg.logging.logging_dir, cfg.logging.log_prefix))  # cfg: sd-scripts'
+                                 if cfg.logging.logging_dir else None)                           # folder name
     if cfg.memory.ddp_timeout:
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.memory.ddp_timeout))]
     world_size = launched_world_size()

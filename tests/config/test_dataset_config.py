@@ -409,3 +409,20 @@ def test_flags_finetuning_and_errors(tmp_path: Path) -> None:
         blueprint_from_flags(DatasetFlags(train_data_dir=empty, resolution=512))
     with pytest.raises(DatasetError, match="--reg_data_dir: cannot be combined with --in_json"):
         blueprint_from_flags(DatasetFlags(in_json=meta, reg_data_dir=empty, resolution=512))
+
+
+@pytest.mark.parametrize(("sizes", "advice"), [
+    ("resolution = 32\nmin_bucket_reso = 32", ("bucket_reso_steps = 32", "at least 64")),
+    ("resolution = 512\nmin_bucket_reso = 32", ("bucket_reso_steps = 32", "min_bucket_reso = 64 or more")),
+])
+def test_bucket_steps_above_min_bucket_reso_is_one_error_naming_what_works(tmp_path, sizes, advice):
+    """sd-scripts floors min_bucket_reso to 0 here and divides by zero building the buckets (issue 14)."""
+    (tmp_path / "img").mkdir()
+    text = (f"[general]\nenable_bucket = true\n{sizes}\n[[datasets]]\n[[datasets.subsets]]\n"
+            f'image_dir = "{(tmp_path / "img").as_posix()}"\n')
+    (problem,) = problems_of(write(tmp_path, text))
+    assert problem.startswith("--bucket_reso_steps: 64 is larger than min_bucket_reso 32"), problem
+    for fragment in advice:
+        assert fragment in problem, (fragment, problem)
+    fixed = text.replace("enable_bucket = true", "enable_bucket = true\nbucket_reso_steps = 32")
+    assert load_dataset_config(write(tmp_path, fixed), DatasetFlags()).datasets[0].bucket_reso_steps == 32

@@ -115,6 +115,10 @@ CASES: list[tuple[str, Callable[[Case], list[str]], type, tuple[str, ...]]] = [
     ("resolution-not-16", lambda c: c.toml(
         f'[[datasets]]\nresolution = 72\n[[datasets.subsets]]\nimage_dir = "{c.images().as_posix()}"\n'),
      DatasetError, ("resolution", "16")),
+    ("resolution-below-bucket-steps", lambda c: c.toml(
+        f'[[datasets]]\nresolution = 32\nenable_bucket = true\nmin_bucket_reso = 32\n[[datasets.subsets]]\n'
+        f'image_dir = "{c.images().as_posix()}"\n'), DatasetError,
+     ("bucket_reso_steps", "min_bucket_reso 32", "bucket_reso_steps = 32")),
     ("missing-checkpoint", lambda c: c.swap("--ae", c.tmp / "ae-missing.safetensors"), ConfigError,
      ("--ae", "ae-missing.safetensors", "does not exist")),
     ("pickle-checkpoint", lambda c: c.swap("--pretrained_model_name_or_path", _pickle_file(c)), CheckpointError,
