@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fluxlora.config.dataset import DatasetDefaults, blueprint_from_flags
+from fluxlora.config.dataset import DatasetFlags, blueprint_from_flags
 from fluxlora.data.datasets import TrainingData, build_training_data
 from fluxlora.data.latent_cache import build_latent_cache
 from fluxlora.data.loader import make_dataloader
@@ -72,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_images(root / "train" / "1_photo", args.num_images)
-        defaults = DatasetDefaults(train_data_dir=root / "train", resolution=1024, enable_bucket=True,
+        defaults = DatasetFlags(train_data_dir=root / "train", resolution=1024, enable_bucket=True,
                                    caption_extension=".txt", flip_aug=True)
         data = build_training_data(blueprint_from_flags(defaults), seed=0)
         print(f"data path at 1024², {args.num_images} JPEGs, batch size 1, cpu_count={os.cpu_count()}, "

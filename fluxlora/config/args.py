@@ -13,14 +13,15 @@ import difflib
 from collections.abc import Sequence
 from typing import Any
 
+from fluxlora.config.dataset_options import DATASET_OPTIONS, INTERPOLATIONS
 from fluxlora.config.defaults import FLUXLORA_DEFAULTS
 from fluxlora.errors import ConfigError
 
 # Our own flags (not in sd-scripts) and their defaults; sd-scripts has no such flags, so "sd-scripts' default" for
 # them is simply the value that reproduces sd-scripts' behaviour.
 FLUXLORA_FLAGS = (
-    "ignore_unsupported", "sd_scripts_defaults", "overwrite", "resume_force", "skip_bad_images",
-    "cache_dir", "fp8_scaled", "max_nan_steps", "dry_run", "checkpoint_blocks",
+    "ignore_unsupported", "sd_scripts_defaults", "overwrite", "resume_force", "cache_dir", "fp8_scaled",
+    "max_nan_steps", "dry_run", "checkpoint_blocks", *(o.name for o in DATASET_OPTIONS if o.ours),
 )
 
 
@@ -107,51 +108,26 @@ def _model_args(parser: FluxArgumentParser) -> None:
     add("max_token_length", type=int, choices=[None, 150, 225], help="SD token length (FLUX: --t5xxl_max_token_length)")
 
 
+# argparse settings of a dataset option by its kind (`fluxlora.config.dataset_options`).
+_KIND_TYPES = {"int": int, "pos_int": int, "nonneg_int": int, "float": float, "nonneg_float": float, "fraction": float,
+               "str": str, "path": str, "resolution": str, "range": str}
+
+
 def _dataset_args(parser: FluxArgumentParser) -> None:
+    """The dataset flags: every row of the dataset option table that has a flag (the TOML wins over them)."""
     add = _adder(parser, parser.add_argument_group("dataset (spec §1.2; the dataset TOML wins)"))
-    add("dataset_config", type=str, help="dataset TOML/JSON")
-    add("train_data_dir", type=str, help="folder of <repeats>_<class tokens> sub-folders")
-    add("reg_data_dir", type=str, help="regularisation images, same layout")
-    add("in_json", type=str, help="fine-tuning metadata JSON (images in --train_data_dir)")
-    add("dataset_repeats", 1, type=int, help="repeats of the fine-tuning dataset")
-    add("resolution", type=str, help="'size' or 'width,height' (multiples of 16)")
-    add("train_batch_size", 1, type=int, help="batch size")
-    _flag(add, "enable_bucket", "aspect-ratio bucketing")
-    add("min_bucket_reso", 256, type=int, help="smallest bucket side")
-    add("max_bucket_reso", 1024, type=int, help="largest bucket side")
-    add("bucket_reso_steps", 64, type=int, help="bucket granularity in pixels (multiple of 16)")
-    _flag(add, "bucket_no_upscale", "per-image buckets, never upscale")
-    add("resize_interpolation", type=str,
-        choices=["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area"], help="resize filter")
-    add("caption_extension", ".caption", type=str, help="caption file extension")
-    add("caption_extention", type=str, help="old spelling of --caption_extension")
-    _flag(add, "shuffle_caption", "shuffle separated tags")
-    add("caption_separator", ",", type=str, help="tag separator")
-    add("keep_tokens", 0, type=int, help="leading tags kept in place")
-    add("keep_tokens_separator", "", type=str, help="marker between fixed and shuffled parts")
-    add("secondary_separator", type=str, help="intra-tag separator")
-    _flag(add, "enable_wildcard", "{a|b} wildcards and multi-line captions")
-    add("caption_prefix", type=str, help="text put before every caption")
-    add("caption_suffix", type=str, help="text put after every caption")
-    add("caption_dropout_rate", 0.0, type=float, help="probability of an empty caption")
-    add("caption_dropout_every_n_epochs", 0, type=int, help="empty captions every N epochs")
-    add("caption_tag_dropout_rate", 0.0, type=float, help="per-tag drop probability")
-    add("token_warmup_min", 1, type=int, help="tag curriculum start")
-    add("token_warmup_step", 0.0, type=float, help="tag curriculum length (steps, or fraction if < 1)")
-    _flag(add, "color_aug", "hue/gamma jitter")
-    _flag(add, "flip_aug", "random horizontal flips")
-    _flag(add, "random_crop", "random instead of centred crop")
-    add("face_crop_aug_range", type=str, help="face-centred crop range 'a,b'")
-    _flag(add, "alpha_mask", "use the image alpha channel as loss mask")
-    _flag(add, "masked_loss", "mask the loss with conditioning_data_dir images (dataset TOML)")
-    add("conditioning_data_dir", type=str, help="mask images (only in the dataset TOML)")
-    _flag(add, "cache_info", "cache captions and sizes in metadata_cache.json")
-    add("prior_loss_weight", 1.0, type=float, help="loss weight of regularisation images")
-    add("max_data_loader_n_workers", 8, type=int, help="DataLoader workers")
-    _flag(add, "persistent_data_loader_workers", "keep DataLoader workers between epochs")
-    _flag(add, "debug_dataset", "sd-scripts' interactive dataset viewer")
-    add("dataset_class", type=str, help="custom dataset class")
-    _flag(add, "weighted_captions", "A1111-style (word:1.2) caption weights")
+    for option in DATASET_OPTIONS:
+        name = option.flag_name
+        if name is None:
+            continue
+        if option.kind == "bool":
+            _flag(add, name, option.help)
+        elif option.kind == "interpolation":
+            add(name, option.default, type=str, choices=list(INTERPOLATIONS), help=option.help)
+        else:
+            add(name, option.default, type=_KIND_TYPES[option.kind], help=option.help)
+        if name == "caption_extension":  # sd-scripts' old spelling, merged into caption_extension when parsed
+            add("caption_extention", type=str, help="old spelling of --caption_extension")
 
 
 def _network_args(parser: FluxArgumentParser) -> None:
@@ -331,8 +307,6 @@ def _sampling_validation_logging_args(parser: FluxArgumentParser) -> None:
         choices=["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
                  "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"])
     add = _adder(parser, parser.add_argument_group("validation (spec §1.10)"))
-    add("validation_split", 0.0, type=float, help="fraction held out (dataset TOML wins)")
-    add("validation_seed", type=int, help="split shuffle and validation RNG seed")
     add("validate_every_n_steps", type=int, help="validate every N steps")
     add("validate_every_n_epochs", type=int, help="validate every N epochs")
     add("max_validation_steps", type=int, help="cap on validation batches")
@@ -359,7 +333,6 @@ def _config_and_fluxlora_args(parser: FluxArgumentParser) -> None:
     _flag(add, "sd_scripts_defaults", "use sd-scripts' defaults exactly (see the start-up notes)")
     _flag(add, "overwrite", "allow replacing an existing LoRA of the same name in --output_dir")
     _flag(add, "resume_force", "resume even if the state does not match the current settings")
-    _flag(add, "skip_bad_images", "skip unreadable images with a warning instead of failing")
     add("cache_dir", type=str, help="folder for latent and text caches (default: next to the images)")
     _flag(add, "fp8_scaled", "fp8 storage with per-block scales (implies --fp8_base)")
     add("max_nan_steps", 5, type=int, help="stop after this many consecutive non-finite losses")

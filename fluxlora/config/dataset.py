@@ -13,15 +13,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fluxlora.config.dataset_options import (
+    DATASET_FIELDS,
+    FLUX_MULTIPLE,
+    INTERPOLATIONS,
+    SUBSET_FIELDS,
+    DatasetConfig,
+    DatasetDefaults,
+    DatasetFlags,
+    SubsetConfig,
+)
 from fluxlora.config.dataset_schema import (
     DATASET,
-    FLUX_MULTIPLE,
     GENERAL,
-    INTERPOLATIONS,
     SUBSET,
     Problems,
     Resolver,
@@ -38,116 +46,12 @@ __all__ = [
     "DatasetBlueprint",
     "DatasetConfig",
     "DatasetDefaults",
+    "DatasetFlags",
     "SubsetConfig",
     "as_mapping",
     "blueprint_from_flags",
     "load_dataset_config",
 ]
-
-
-@dataclass(frozen=True)
-class DatasetDefaults:
-    """Command-line values for the dataset (sd-scripts flag names); the dataset TOML overrides them."""
-
-    resolution: int | str | tuple[int, int] | None = None
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
-    train_batch_size: int = 1
-    caption_extension: str = ".caption"
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0.0
-    color_aug: bool = False
-    flip_aug: bool = False
-    random_crop: bool = False
-    face_crop_aug_range: str | tuple[float, float] | None = None
-    alpha_mask: bool = False
-    resize_interpolation: str | None = None
-    cache_info: bool = False
-    validation_split: float = 0.0
-    validation_seed: int | None = None
-    train_data_dir: str | Path | None = None
-    reg_data_dir: str | Path | None = None
-    in_json: str | Path | None = None
-    dataset_repeats: int = 1
-    prior_loss_weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class SubsetConfig:
-    """One `[[datasets.subsets]]` entry with every setting resolved (subset -> dataset -> general -> CLI)."""
-
-    key: str  # where it came from, e.g. "datasets[0].subsets[1]" or "--train_data_dir 10_sks dog"
-    image_dir: Path | None
-    metadata_file: Path | None = None
-    is_reg: bool = False
-    num_repeats: int = 1
-    class_tokens: str | None = None
-    caption_extension: str = ".caption"
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0.0
-    color_aug: bool = False
-    flip_aug: bool = False
-    random_crop: bool = False
-    alpha_mask: bool = False
-    resize_interpolation: str | None = None
-    cache_info: bool = False
-    custom_attributes: dict[str, Any] = field(default_factory=dict)
-    conditioning_data_dir: Path | None = None  # paired images by file stem (Kontext references, Fill masks)
-
-    @property
-    def is_dreambooth(self) -> bool:
-        return self.metadata_file is None
-
-    @property
-    def diff_output_preservation(self) -> bool:
-        return bool(self.custom_attributes.get("diff_output_preservation", False))
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    """One `[[datasets]]` entry: its own batch size, resolution and buckets; batches never mix datasets."""
-
-    key: str
-    subsets: tuple[SubsetConfig, ...]
-    resolution: tuple[int, int]
-    batch_size: int = 1
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
-    validation_split: float = 0.0
-    validation_seed: int | None = None
-    resize_interpolation: str | None = None
-
-    @property
-    def is_dreambooth(self) -> bool:
-        return all(s.is_dreambooth for s in self.subsets)
 
 
 @dataclass(frozen=True)
@@ -160,7 +64,7 @@ class DatasetBlueprint:
 
 
 
-def load_dataset_config(path: Path, defaults: DatasetDefaults) -> DatasetBlueprint:
+def load_dataset_config(path: Path, defaults: DatasetFlags) -> DatasetBlueprint:
     """Read a dataset TOML (or JSON, by extension) and resolve it against the command-line `defaults`.
 
     Raises one DatasetError listing every problem of the file (key path and hint for each); the list is also in
@@ -201,7 +105,7 @@ def _build_dataset(
     where: str,
     upper: list[dict[str, Any]],
     subset_tables: list[dict[str, Any]],
-    defaults: DatasetDefaults,
+    defaults: DatasetFlags,
     problems: Problems,
 ) -> DatasetConfig | None:
     labels = [where, "general"]
@@ -235,7 +139,7 @@ def _build_dataset(
 def _dataset_config(
     key: str, subsets: list[SubsetConfig], resolution: tuple[int, int], res: Resolver
 ) -> DatasetConfig:
-    names = {f.name for f in fields(DatasetConfig)} - {"key", "subsets", "resolution"}
+    names = ["batch_size", "resize_interpolation", *(o.name for o in DATASET_FIELDS)]
     return DatasetConfig(key=key, subsets=tuple(subsets), resolution=resolution,
                          **{name: res.value(name) for name in names})
 
@@ -270,7 +174,24 @@ def _check_sizes(res: Resolver, problems: Problems) -> tuple[int, int] | None:
             problems.add(hi_where, f"{hi} is smaller than the resolution's longer side {max(resolution)}; "
                          f"raise it to {max(resolution)} or more")
             ok = False
+        if ok and lo is not None and lo < step and step % FLUX_MULTIPLE == 0:
+            problems.add(s_where, _step_above_min(step, lo, lo_where, resolution))
+            ok = False
     return resolution if ok else None
+
+
+def _step_above_min(step: int, lo: int, lo_where: str, resolution: tuple[int, int]) -> str:
+    """sd-scripts floors min_bucket_reso to a multiple of bucket_reso_steps: below one step it becomes 0 and the
+    bucket table divides by zero. Say which values work."""
+    fits = lo // FLUX_MULTIPLE * FLUX_MULTIPLE
+    fix = [f"bucket_reso_steps = {fits} (or another multiple of {FLUX_MULTIPLE} up to {lo})"] if fits else []
+    if min(resolution) >= step:
+        fix.append(f"{lo_where.rsplit('.', 1)[-1].lstrip('-')} = {step} or more")
+    else:
+        fix.append(f"resolution and min_bucket_reso of at least {step}")
+    return (f"{step} is larger than min_bucket_reso {lo} ({lo_where}, resolution {resolution[0]}x{resolution[1]}): "
+            f"buckets are multiples of bucket_reso_steps, so the smallest would have a side of 0; use "
+            + " or ".join(fix))
 
 
 def _nearest_multiple(v: int) -> int:
@@ -310,8 +231,7 @@ def _build_subset(where: str, table: dict[str, Any], res: Resolver, problems: Pr
     if control_dir is not None and not control_dir.is_dir():
         what = "is not a folder" if control_dir.exists() else "does not exist"
         problems.add(f"{where}.conditioning_data_dir", f"folder {str(control_dir)!r} {what}; fix the path")
-    names = {f.name for f in fields(SubsetConfig)} - {"key", "image_dir", "metadata_file", "caption_extension",
-                                                      "conditioning_data_dir"}
+    names = [o.name for o in SUBSET_FIELDS if o.name not in ("caption_extension", "conditioning_data_dir")]
     values = {name: res.value(name) for name in names}
     if values["custom_attributes"] is None:
         values["custom_attributes"] = {}
@@ -321,7 +241,7 @@ def _build_subset(where: str, table: dict[str, Any], res: Resolver, problems: Pr
                         conditioning_data_dir=control_dir, **values)
 
 
-def blueprint_from_flags(defaults: DatasetDefaults) -> DatasetBlueprint:
+def blueprint_from_flags(defaults: DatasetFlags) -> DatasetBlueprint:
     """The dataset sd-scripts builds without `--dataset_config`.
 
     `--train_data_dir` holds sub-folders named `<repeats>_<class tokens>` (DreamBooth style), `--reg_data_dir` the

@@ -1,7 +1,7 @@
-"""The dataset TOML/JSON key table, value types, precedence and file parsing behind `fluxlora.config.dataset`.
+"""The dataset TOML/JSON schema, value types, precedence and file parsing behind `fluxlora.config.dataset`.
 
-Every key sd-scripts' dataset config knows, the level it may be set at (general, dataset, subset) and its
-built-in default; the checks that turn one raw TOML/JSON value into its typed value; the lookup of a setting
+The keys, the level each may be set at (general, dataset, subset) and their built-in defaults come from the option
+table (`fluxlora.config.dataset_options`); here are the checks that turn one raw TOML/JSON value into its typed value; the lookup of a setting
 through subset -> dataset -> general -> command line -> default; and the reading of the file itself with
 one-line errors that name the line and column. Problems are collected, not raised one by one, so the user
 fixes the whole file in one go.
@@ -14,73 +14,33 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from fluxlora.config.dataset_options import (
+    DATASET,
+    DATASET_OPTIONS,
+    FLUX_MULTIPLE,
+    GENERAL,
+    INTERPOLATIONS,
+    SUBSET,
+    DatasetFlags,
+)
 from fluxlora.errors import DatasetError
 
-if TYPE_CHECKING:
-    from fluxlora.config.dataset import DatasetDefaults
+__all__ = ["DATASET", "FLUX_MULTIPLE", "GENERAL", "INTERPOLATIONS", "SUBSET", "Problems", "Resolver", "parse_file",
+           "read_table", "suggest"]
 
-INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
-FLUX_MULTIPLE = 16  # 8x autoencoder downsampling, then 2x2 patches
-
-# The levels a key may be set at: [general], [[datasets]], [[datasets.subsets]].
-GENERAL, DATASET, SUBSET = "general", "dataset", "subset"
-_ALL = frozenset({GENERAL, DATASET, SUBSET})
-_DS = frozenset({GENERAL, DATASET})
-_SUB = frozenset({SUBSET})
-
-# key -> (kind, levels, built-in default). Kinds are checked by _coerce.
+# key -> (kind, levels, built-in default) of every key a dataset TOML may set, from the option table.
 _SCHEMA: dict[str, tuple[str, frozenset[str], Any]] = {
-    # dataset-level keys (general or [[datasets]])
-    "batch_size": ("pos_int", _DS, 1),
-    "resolution": ("resolution", _DS, None),
-    "enable_bucket": ("bool", _DS, False),
-    "min_bucket_reso": ("pos_int", _DS, 256),
-    "max_bucket_reso": ("pos_int", _DS, 1024),
-    "bucket_reso_steps": ("pos_int", _DS, 64),
-    "bucket_no_upscale": ("bool", _DS, False),
-    "network_multiplier": ("float", _DS, 1.0),
-    "validation_split": ("fraction", _DS, 0.0),
-    "validation_seed": ("int", _DS, None),
-    # subset keys that may also be set higher up as defaults ("ascendable")
-    "resize_interpolation": ("interpolation", _ALL, None),
-    "num_repeats": ("pos_int", _ALL, 1),
-    "shuffle_caption": ("bool", _ALL, False),
-    "caption_separator": ("str", _ALL, ","),
-    "keep_tokens": ("nonneg_int", _ALL, 0),
-    "keep_tokens_separator": ("str", _ALL, ""),
-    "secondary_separator": ("str", _ALL, None),
-    "enable_wildcard": ("bool", _ALL, False),
-    "color_aug": ("bool", _ALL, False),
-    "flip_aug": ("bool", _ALL, False),
-    "random_crop": ("bool", _ALL, False),
-    "face_crop_aug_range": ("range", _ALL, None),
-    "caption_prefix": ("str", _ALL, None),
-    "caption_suffix": ("str", _ALL, None),
-    "token_warmup_min": ("nonneg_int", _ALL, 1),
-    "token_warmup_step": ("nonneg_float", _ALL, 0.0),
-    "custom_attributes": ("table", _ALL, None),
-    "caption_dropout_rate": ("fraction", _ALL, 0.0),
-    "caption_dropout_every_n_epochs": ("nonneg_int", _ALL, 0),
-    "caption_tag_dropout_rate": ("fraction", _ALL, 0.0),
-    "caption_extension": ("str", _ALL, ".caption"),
-    "class_tokens": ("str", _ALL, None),
-    "cache_info": ("bool", _ALL, False),
-    # subset-only keys
-    "image_dir": ("path", _SUB, None),
-    "metadata_file": ("path", _SUB, None),
-    "is_reg": ("bool", _SUB, False),
-    "alpha_mask": ("bool", _SUB, False),
-    # a folder of images paired with this subset's images by file stem: Kontext's reference images, Fill's masks
-    "conditioning_data_dir": ("path", _SUB, None),
+    o.name: (o.kind, frozenset(o.levels), o.default) for o in DATASET_OPTIONS if o.levels
 }
+_SUB = frozenset({SUBSET})
 # musubi-tuner's name for the paired-image folder
 _ALIASES = {"interpolation_type": "resize_interpolation", "control_directory": "conditioning_data_dir"}
 # Keys sd-scripts knows that we refuse, with the reason and what to do instead.
 _REFUSED: dict[str, str] = {}
-# Dataset-level settings that sd-scripts reads from a differently named flag.
-_FLAG_NAMES = {"batch_size": "train_batch_size"}
+# Settings whose command-line fallback has another name (batch_size <- --train_batch_size); None: no fallback.
+_FLAG_NAMES = {o.name: o.fallback_flag for o in DATASET_OPTIONS if o.fallback_flag != o.name}
 _EXPECTED = {
     "bool": "true or false", "int": "an integer", "pos_int": "an integer >= 1", "nonneg_int": "an integer >= 0",
     "float": "a number", "nonneg_float": "a number >= 0", "fraction": "a number between 0 and 1",
@@ -218,7 +178,7 @@ def read_table(table: Any, level: str, where: str, problems: Problems) -> dict[s
 class Resolver:
     """First value set among the given tables, then the command line, then the built-in default, with its origin."""
 
-    def __init__(self, tables: list[tuple[str, dict[str, Any]]], defaults: DatasetDefaults, problems: Problems):
+    def __init__(self, tables: list[tuple[str, dict[str, Any]]], defaults: DatasetFlags, problems: Problems):
         self.tables, self.defaults, self.problems = tables, defaults, problems
 
     def get(self, key: str) -> tuple[Any, str]:
@@ -226,7 +186,7 @@ class Resolver:
             if table.get(key) is not None:
                 return table[key], f"{where}.{key}" if where else key
         flag = _FLAG_NAMES.get(key, key)
-        value = getattr(self.defaults, flag, None)
+        value = getattr(self.defaults, flag) if flag is not None else None
         if value is not None:
             kind = _SCHEMA[key][0]
             if isinstance(value, Path):

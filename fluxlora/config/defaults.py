@@ -7,10 +7,7 @@ sd-scripts guide itself recommends; `--sd_scripts_defaults` restores sd-scripts'
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
-
-if TYPE_CHECKING:
-    from fluxlora.config.train_config import TrainConfig
+from typing import Any, NamedTuple
 
 
 class DefaultChange(NamedTuple):
@@ -66,17 +63,3 @@ def format_differences(rows: list[tuple[str, Any, Any, str]]) -> str:
     lines = ["fluxlora settings that differ from sd-scripts' defaults (--sd_scripts_defaults restores them):"]
     lines += [f"  {dest}: {ours} (sd-scripts: {theirs}) — {reason}" for dest, ours, theirs, reason in rows]
     return "\n".join(lines)
-
-
-def describe_differences(cfg: TrainConfig) -> str:
-    """The one start-up block listing every setting fluxlora filled with a value sd-scripts would not use.
-
-    Flags the user gave are not listed (sd-scripts would use the same value); with `--sd_scripts_defaults`
-    nothing differs and the block is ''.
-    """
-    from fluxlora.config.args import build_parser
-
-    rows = differing_defaults(
-        cfg.explicit, sd_scripts_defaults=cfg.sd_scripts_defaults, sd_defaults=build_parser().sd_defaults
-    )
-    return format_differences(rows)

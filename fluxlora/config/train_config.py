@@ -18,15 +18,17 @@ from typing import Any
 
 from fluxlora.config.args import build_parser, parse_given
 from fluxlora.config.config_file import load_config_file
-from fluxlora.config.defaults import describe_differences, effective_defaults
+from fluxlora.config.dataset_options import DatasetFlags
+from fluxlora.config.defaults import differing_defaults, effective_defaults, format_differences
+from fluxlora.config.network_args import NetworkArgs
+from fluxlora.config.optim_specs import OptimizerSpec, SchedulerSpec
 from fluxlora.config.unsupported import check_unsupported
 from fluxlora.config.validate import check_caching_conflicts, derive, validate
 from fluxlora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "parse_train_config", "check_caching_conflicts", "describe_differences",
-           "dataset_defaults_kwargs"]
+__all__ = ["DatasetFlags", "TrainConfig", "check_caching_conflicts", "describe_differences", "parse_train_config"]
 
 
 @dataclass(frozen=True)
@@ -41,58 +43,12 @@ class ModelFiles:
 
 
 @dataclass(frozen=True)
-class DatasetFlags:
-    """CLI-level dataset values (the dataset TOML wins); field names match `fluxlora.config.dataset.DatasetDefaults`."""
-
-    dataset_config: Path | None
-    train_data_dir: Path | None
-    reg_data_dir: Path | None
-    in_json: Path | None
-    dataset_repeats: int
-    resolution: tuple[int, int] | None  # (W, H)
-    train_batch_size: int
-    enable_bucket: bool
-    min_bucket_reso: int
-    max_bucket_reso: int
-    bucket_reso_steps: int
-    bucket_no_upscale: bool
-    resize_interpolation: str | None
-    caption_extension: str  # with its leading dot
-    shuffle_caption: bool
-    caption_separator: str
-    keep_tokens: int
-    keep_tokens_separator: str
-    secondary_separator: str | None
-    enable_wildcard: bool
-    caption_prefix: str | None
-    caption_suffix: str | None
-    caption_dropout_rate: float
-    caption_dropout_every_n_epochs: int
-    caption_tag_dropout_rate: float
-    token_warmup_min: int
-    token_warmup_step: float
-    color_aug: bool
-    flip_aug: bool
-    random_crop: bool
-    face_crop_aug_range: tuple[float, float] | None
-    alpha_mask: bool
-    masked_loss: bool
-    cache_info: bool
-    prior_loss_weight: float
-    validation_split: float
-    validation_seed: int | None
-    max_data_loader_n_workers: int
-    persistent_data_loader_workers: bool
-    skip_bad_images: bool
-
-
-@dataclass(frozen=True)
 class NetworkSettings:
     network_module: str
     network_dim: int  # sd-scripts' None is resolved to 4
     network_alpha: float  # 0 is resolved to network_dim (sd-scripts' rule); never 0
     network_dropout: float | None
-    network_args: tuple[str, ...]  # "k=v" strings, parsed by the LoRA network
+    network_args: tuple[str, ...]  # the "k=v" strings as given (ss_network_args, resume fingerprint)
     network_weights: Path | None
     dim_from_weights: bool
     network_train_unet_only: bool
@@ -103,6 +59,7 @@ class NetworkSettings:
     base_weights_multiplier: tuple[float, ...]  # one per base weight (1.0 when not given)
     scale_weight_norms: float | None
     training_comment: str | None
+    network_spec: NetworkArgs  # --network_args parsed and validated (with --network_dropout)
 
 
 @dataclass(frozen=True)
@@ -120,6 +77,8 @@ class OptimizerSettings:
     lr_scheduler_min_lr_ratio: float | None
     lr_scheduler_type: str
     lr_scheduler_args: tuple[str, ...]
+    optimizer_spec: OptimizerSpec  # the flags above, typed, with --optimizer_args parsed
+    scheduler_spec: SchedulerSpec  # the --lr_* flags, typed, with --lr_scheduler_args parsed
 
 
 @dataclass(frozen=True)
@@ -261,6 +220,9 @@ class LoggingSettings:
     console_log_simple: bool
 
 
+# Typed views of several flags (not flags themselves): left out of `TrainConfig.flat()`.
+SPEC_FIELDS = frozenset({"network_spec", "optimizer_spec", "scheduler_spec"})
+
 _GROUPS: dict[str, type] = {
     "model": ModelFiles, "dataset_flags": DatasetFlags, "network": NetworkSettings, "optim": OptimizerSettings,
     "training": TrainingSettings, "precision": PrecisionSettings, "memory": MemorySettings,
@@ -296,17 +258,21 @@ class TrainConfig:
         """{flag name: value} over every group (for metadata, --log_config and tests)."""
         out: dict[str, Any] = {}
         for name in _GROUPS:
-            out.update({f.name: getattr(getattr(self, name), f.name) for f in dataclasses.fields(getattr(self, name))})
+            group = getattr(self, name)
+            out.update({f.name: getattr(group, f.name) for f in dataclasses.fields(group) if f.name not in SPEC_FIELDS})
         return out
 
 
-def dataset_defaults_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """Keyword arguments for `fluxlora.config.dataset.DatasetDefaults`: the CLI-level dataset values."""
-    values = dataclasses.asdict(cfg.dataset_flags)
-    for name in ("dataset_config", "max_data_loader_n_workers", "persistent_data_loader_workers", "masked_loss",
-                 "skip_bad_images"):
-        values.pop(name)
-    return values
+def describe_differences(cfg: TrainConfig) -> str:
+    """The one start-up block listing every setting fluxlora filled with a value sd-scripts would not use.
+
+    Flags the user gave are not listed (sd-scripts would use the same value); with `--sd_scripts_defaults`
+    nothing differs and the block is ''.
+    """
+    rows = differing_defaults(
+        cfg.explicit, sd_scripts_defaults=cfg.sd_scripts_defaults, sd_defaults=build_parser().sd_defaults
+    )
+    return format_differences(rows)
 
 
 def _build(values: dict[str, Any], **top: Any) -> TrainConfig:

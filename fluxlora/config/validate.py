@@ -10,6 +10,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fluxlora.config.dataset_options import cache_conflicts
+from fluxlora.config.network_args import NetworkArgs, parse_network_args
+from fluxlora.config.optim_specs import OptimizerSpec, SchedulerSpec, optim_specs
 from fluxlora.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -29,18 +32,6 @@ EXISTING_PATHS = {
     "network_weights": "file", "sample_prompts": "file", "resume": "dir", "log_tracker_config": "file",
 }
 PATH_FLAGS = (*EXISTING_PATHS, "tokenizer_cache_dir", "output_dir", "cache_dir", "logging_dir", "console_log_file")
-# caption options that change the text every step, so a text-encoder output cache cannot hold them
-TE_CACHE_CONFLICTS = {
-    "shuffle_caption": "shuffles the tags every step",
-    "caption_dropout_rate": "drops captions at random",
-    "caption_dropout_every_n_epochs": "drops captions in some epochs",
-    "caption_tag_dropout_rate": "drops tags at random",
-    "token_warmup_step": "changes the tag count during training",
-    "enable_wildcard": "picks a random wildcard alternative every step",
-}
-LATENT_CACHE_CONFLICTS = {"color_aug": "changes the pixels every step", "random_crop": "crops differently every step"}
-
-
 def _nearest16(value: int) -> int:
     return max(16, math.floor(value / 16 + 0.5) * 16)  # round half up
 
@@ -108,6 +99,7 @@ def derive(values: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[dict[st
         notes.append(f"--network_alpha 0 means alpha = rank: using {d['network_alpha']}")
     for name in ("network_args", "optimizer_args", "lr_scheduler_args", "text_encoder_lr"):
         d[name] = tuple(d[name] or ())
+    _parse_specs(d, errors)
     d["base_weights"] = tuple(Path(p) for p in d["base_weights"] or ())
     multipliers = tuple(d["base_weights_multiplier"] or ())
     if multipliers and len(multipliers) != len(d["base_weights"]):
@@ -120,7 +112,24 @@ def derive(values: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[dict[st
             d[name] = None
     for name in PATH_FLAGS:
         d[name] = Path(d[name]) if d[name] is not None else None
+    if d["logging_dir"] is not None and d["log_with"] is None:
+        d["log_with"] = "tensorboard"  # sd-scripts turns TensorBoard on from --logging_dir alone
     return d, errors, notes
+
+
+def _parse_specs(d: dict[str, Any], errors: list[str]) -> None:
+    """--network_args, --optimizer_args and --lr_scheduler_args parsed once into their typed specs."""
+    try:
+        d["network_spec"] = parse_network_args(d["network_args"], network_dropout=d["network_dropout"],
+                                               network_module=d["network_module"])
+    except ConfigError as err:
+        errors.append(str(err))
+        d["network_spec"] = NetworkArgs()
+    try:
+        d["optimizer_spec"], d["scheduler_spec"] = optim_specs(d)
+    except ConfigError as err:
+        errors.append(str(err))
+        d["optimizer_spec"], d["scheduler_spec"] = OptimizerSpec(d["optimizer_type"], d["learning_rate"]), SchedulerSpec()
 
 
 def _optimizer_name(d: Mapping[str, Any], errors: list[str]) -> str:
@@ -183,12 +192,6 @@ def _check_network(d: Mapping[str, Any], errors: list[str], notes: list[str]) ->
         errors.append(f"--network_dim {d['network_dim']} must be a positive rank (e.g. 16)")
     if d["network_alpha"] < 0:
         errors.append(f"--network_alpha {d['network_alpha']} must not be negative")
-    if d["network_dropout"] is not None and not 0.0 <= d["network_dropout"] < 1.0:
-        errors.append(f"--network_dropout {d['network_dropout']} must be in [0, 1)")
-    for flag in ("network_args", "optimizer_args", "lr_scheduler_args"):
-        for item in d[flag]:
-            if "=" not in item or not item.split("=", 1)[0].strip():
-                errors.append(f"--{flag} {item!r} must have the form key=value")
     if len(d["text_encoder_lr"]) > 2 or any(lr < 0 for lr in d["text_encoder_lr"]):
         errors.append("--text_encoder_lr takes at most two non-negative values (CLIP-L, then T5)")
     if d["unet_lr"] is not None and d["unet_lr"] < 0:
@@ -198,9 +201,8 @@ def _check_network(d: Mapping[str, Any], errors: list[str], notes: list[str]) ->
                       "give at most one")
     if d["dim_from_weights"] and d["network_weights"] is None:
         errors.append("--dim_from_weights needs --network_weights to read the ranks from")
-    train_t5 = any(a.replace(" ", "").lower() == "train_t5xxl=true" for a in d["network_args"])
     if d["cache_text_encoder_outputs"]:
-        if train_t5:
+        if d["network_spec"].train_t5xxl:
             errors.append("--cache_text_encoder_outputs cannot be used with network_args train_t5xxl=True: a trained "
                           "T5 changes its outputs every step; drop one of them")
         elif not d["network_train_unet_only"]:
@@ -209,14 +211,9 @@ def _check_network(d: Mapping[str, Any], errors: list[str], notes: list[str]) ->
 
 
 def _check_caching_flags(d: Mapping[str, Any], errors: list[str]) -> None:
-    if d["cache_text_encoder_outputs"]:
-        for name, why in TE_CACHE_CONFLICTS.items():
-            if d[name]:
-                errors.append(f"--cache_text_encoder_outputs cannot be used with --{name} (it {why}); drop one")
-    if d["cache_latents"]:
-        for name, why in LATENT_CACHE_CONFLICTS.items():
-            if d[name]:
-                errors.append(f"--cache_latents cannot be used with --{name} (it {why}); drop one")
+    for c in cache_conflicts(d, cache_latents=d["cache_latents"],
+                             cache_text_encoder_outputs=d["cache_text_encoder_outputs"]):
+        errors.append(f"{c.flag} cannot be used with --{c.name} (it {c.why}); drop one")
     if d["vae_batch_size"] < 1:
         errors.append(f"--vae_batch_size {d['vae_batch_size']} must be at least 1")
     if d["text_encoder_batch_size"] is not None and d["text_encoder_batch_size"] < 1:
@@ -328,27 +325,18 @@ def validate(d: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[list[str],
     return errors, warnings, notes
 
 
-def _option(subset: Any, name: str) -> Any:
-    return subset.get(name) if isinstance(subset, Mapping) else getattr(subset, name, None)
-
-
 def check_caching_conflicts(cfg: TrainConfig, subset_options: Iterable[Any]) -> None:
     """Check dataset-TOML subsets against the caching flags; raise one ConfigError listing every conflict.
 
-    Each subset is a `fluxlora.config.dataset.SubsetConfig` or a mapping with the same keys; its `key` (e.g.
-    "datasets[0].subsets[1]") names it in the message.
+    Each subset is a `SubsetConfig` or a mapping with the same keys; its `key` (e.g. "datasets[0].subsets[1]")
+    names it in the message. The rules are the option table's (`dataset_options.cache_conflicts`).
     """
     problems: list[str] = []
     for index, subset in enumerate(subset_options):
-        where = _option(subset, "key") or f"subset {index}"
-        if cfg.caching.cache_text_encoder_outputs:
-            for name, why in TE_CACHE_CONFLICTS.items():
-                if _option(subset, name):
-                    problems.append(f"{where}.{name} {why}, which --cache_text_encoder_outputs cannot hold")
-        if cfg.caching.cache_latents:
-            for name, why in LATENT_CACHE_CONFLICTS.items():
-                if _option(subset, name):
-                    problems.append(f"{where}.{name} {why}, which --cache_latents cannot hold")
+        where = (subset.get("key") if isinstance(subset, Mapping) else getattr(subset, "key", None)) or f"subset {index}"
+        problems += [f"{where}.{c.name} {c.why}, which {c.flag} cannot hold" for c in cache_conflicts(
+            subset, cache_latents=cfg.caching.cache_latents,
+            cache_text_encoder_outputs=cfg.caching.cache_text_encoder_outputs)]
     if problems:
         raise ConfigError(
             "; ".join(problems) + "; turn the option off in the dataset TOML or drop the caching flag",

@@ -20,9 +20,9 @@ import logging
 import math
 import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
+from fluxlora.config.dataset_options import cache_conflicts, options_class
 from fluxlora.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -31,23 +31,14 @@ _WILDCARD = re.compile(r"\{([^}]+)\}")
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
-@dataclass(frozen=True)
-class CaptionOptions:
-    """The subset keys that shape a caption (names and defaults as in sd-scripts)."""
-
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    enable_wildcard: bool = False
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0
-    shuffle_caption: bool = False
-    caption_tag_dropout_rate: float = 0.0
-    caption_separator: str = ","
-    secondary_separator: str | None = None
+# The subset keys that shape a caption; names, types and defaults come from the dataset option table.
+CAPTION_KEYS = (
+    "caption_prefix", "caption_suffix", "caption_dropout_rate", "caption_dropout_every_n_epochs", "enable_wildcard",
+    "keep_tokens", "keep_tokens_separator", "token_warmup_min", "token_warmup_step", "shuffle_caption",
+    "caption_tag_dropout_rate", "caption_separator", "secondary_separator",
+)
+CaptionOptions = options_class("CaptionOptions", CAPTION_KEYS, module=__name__,
+                               doc="The subset keys that shape a caption (names and defaults as in sd-scripts).")
 
 
 def _decode_caption(path: Path, data: bytes) -> str:
@@ -204,25 +195,16 @@ def process_caption(
 def caching_blockers(opts: CaptionOptions, raw: str | None = None) -> list[str]:
     """Names of the options that make a caption change between samples (and so forbid a text-encoder cache).
 
-    With `raw` given, `enable_wildcard` only blocks when that caption actually has several lines or a `{a|b}`.
+    The rules are the option table's (`fluxlora.config.dataset_options.cache_conflicts`); with `raw` given,
+    `enable_wildcard` only blocks when that caption actually has several lines or a `{a|b}`.
     """
-    blockers = []
-    if opts.shuffle_caption:
-        blockers.append("shuffle_caption")
-    if opts.caption_dropout_rate > 0:
-        blockers.append("caption_dropout_rate")
-    if opts.caption_dropout_every_n_epochs > 0:
-        blockers.append("caption_dropout_every_n_epochs")
-    if opts.caption_tag_dropout_rate > 0:
-        blockers.append("caption_tag_dropout_rate")
-    if opts.token_warmup_step > 0:
-        blockers.append("token_warmup_step")
-    if opts.enable_wildcard:
-        text = (opts.caption_prefix or "") + (raw or "") + (opts.caption_suffix or "")
+    names = [c.name for c in cache_conflicts(opts, cache_latents=False, cache_text_encoder_outputs=True)]
+    if "enable_wildcard" in names and raw is not None:
+        text = (opts.caption_prefix or "") + raw + (opts.caption_suffix or "")
         without_literals = text.replace("{{", "").replace("}}", "")
-        if raw is None or "\n" in text or _WILDCARD.search(without_literals):
-            blockers.append("enable_wildcard")
-    return blockers
+        if "\n" not in text and not _WILDCARD.search(without_literals):
+            names.remove("enable_wildcard")
+    return names
 
 
 def caption_is_static(opts: CaptionOptions, raw: str | None = None) -> bool:

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fluxlora.config.dataset import DatasetBlueprint, DatasetConfig, SubsetConfig
+from fluxlora.config.dataset_options import cache_conflicts
 from fluxlora.data.buckets import assign_bucket, make_buckets
-from fluxlora.data.captions import CaptionOptions, caching_blockers, static_caption
+from fluxlora.data.captions import CaptionOptions, static_caption
 from fluxlora.data.dataset_metadata import (
     dataset_metadata,
     merged_dataset_dirs,
@@ -187,20 +188,12 @@ class TrainingData:
         return self.datasets if split == "train" else self.validation
 
     def cache_conflicts(self, *, cache_latents: bool, cache_text_encoder_outputs: bool) -> list[str]:
-        """Settings that make the requested caches wrong, one `subset key: reason` each (empty when fine)."""
-        out = []
-        for dataset in self.datasets:
-            for subset, opts in zip(dataset.config.subsets, dataset.caption_options, strict=True):
-                if cache_latents:
-                    for name in ("color_aug", "random_crop"):
-                        if getattr(subset, name):
-                            out.append(f"{subset.key}.{name}: changes pixels per sample, so latents cannot be "
-                                       "cached; turn it off or drop --cache_latents")
-                if cache_text_encoder_outputs:
-                    out.extend(f"{subset.key}.{name}: changes captions per sample, so text-encoder outputs "
-                               "cannot be cached; turn it off or drop --cache_text_encoder_outputs"
-                               for name in caching_blockers(opts))
-        return out
+        """Settings that make the requested caches wrong, one `subset key.option: reason` each (empty when fine);
+        the rules are the option table's (`fluxlora.config.dataset_options.cache_conflicts`)."""
+        return [f"{subset.key}.{c.name}: {c.why}, which {c.flag} cannot hold; turn it off or drop {c.flag}"
+                for dataset in self.datasets for subset in dataset.config.subsets
+                for c in cache_conflicts(subset, cache_latents=cache_latents,
+                                         cache_text_encoder_outputs=cache_text_encoder_outputs)]
 
     def latent_items(self) -> list[LatentItem]:
         """One latent-cache item per distinct (image, bucket) of training and validation, in a stable order; with

@@ -12,8 +12,8 @@ asks the family. What a family answers:
 - structure: its blocks in execution order (`BlockLayout`) for swap, checkpointing and compile;
 - adapters: which text encoders carry LoRA modules, under which components;
 - sampling: the σ schedule and default steps / guidance;
-- files written: the LoRA metadata strings (`modelspec.architecture`, `ss_base_model_version`) and which LoRAs it
-  accepts;
+- files written: how files name the base model (`ArchitectureStrings`: `modelspec.architecture`,
+  `ss_base_model_version`) and which LoRAs it accepts;
 - memory: the numbers the planner needs (`ModelShape`).
 """
 
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from fluxlora import flow
 from fluxlora.models.checkpoints import ModelKind, SafetensorsHeader
+from fluxlora.network.metadata import ArchitectureStrings
 
 Conditioning = dict[str, Tensor]
 """Text conditioning of a batch: named tensors, batch first; names and kinds are the family's `text_outputs`."""
@@ -175,8 +176,8 @@ class ModelFamily(ABC):
     def check_lora(self, info: ModelInfo, metadata: Mapping[str, str]) -> str | None:
         """None when a LoRA with this metadata can train on / apply to `info`; otherwise why not (one line)."""
         architecture = metadata.get("modelspec.architecture", "")
-        ours = self.lora_metadata(info)["modelspec.architecture"]
-        if architecture and architecture != ours and architecture.split("/")[0] != ours.split("/")[0]:
+        ours = self.architecture(info).architecture
+        if architecture and architecture.split("/")[0] != ours:
             return (f"this LoRA was trained on {architecture.split('/')[0]} (modelspec.architecture {architecture}) "
                     f"but the base model is {info.title}")
         return None
@@ -239,8 +240,9 @@ class ModelFamily(ABC):
 
     # ---- files written -------------------------------------------------------------------------------------------
     @abstractmethod
-    def lora_metadata(self, info: ModelInfo) -> dict[str, str]:
-        """`modelspec.architecture`, `modelspec.implementation` and `ss_base_model_version` of a LoRA for `info`."""
+    def architecture(self, info: ModelInfo) -> ArchitectureStrings:
+        """How files name this base model: `modelspec.architecture` (a LoRA adds "/lora"), `modelspec.implementation`
+        and `ss_base_model_version`."""
 
     # ---- memory --------------------------------------------------------------------------------------------------
     @abstractmethod

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +42,35 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 
 
 # ---------------------------------------------------------------------------------------- flags
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """The flags of `flux_minimal_inference.py` (sd-scripts names), typed and checked (`parse_generate_args`)."""
+
+    ckpt_path: Path
+    clip_l: Path | None  # which text encoders are required is the model family's (checked when loading)
+    t5xxl: Path | None
+    ae: Path
+    dtypes: dict[str, torch.dtype]  # per model: clip_l, t5xxl, ae, flux (--dtype unless set per model)
+    tokenizer_cache_dir: Path | None = None
+    apply_t5_attn_mask: bool = False
+    prompt: str = "A photo of a cat"
+    negative_prompt: str = ""
+    cfg_scale: float = 1.0
+    guidance: float = 3.5
+    steps: int | None = None  # None: the variant's default
+    seed: int | None = None
+    width: int = 1360  # a multiple of 16
+    height: int = 768
+    output_dir: Path = Path(".")
+    device: str | None = None
+    offload: bool = False
+    lora_weights: tuple[tuple[Path, float], ...] = ()
+    merge_lora_weights: bool = False
+    from_file: Path | None = None
+    interactive: bool = False
+    model_type: str | None = None  # None: the family is detected from the transformer file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +127,29 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
                           key="--lora_weights") from None
 
 
+def parse_generate_args(argv: Sequence[str]) -> GenerateOptions:
+    """The command line as `GenerateOptions`: required files, model type, dtypes, LoRA specs and sizes checked."""
+    a = build_parser().parse_args(list(argv))
+    if not a.ae:
+        raise ConfigError("--ae is required: pass the autoencoder safetensors file", key="--ae")
+    base = parse_dtype(a.dtype, "--dtype")
+    dtypes = {n: parse_dtype(getattr(a, f"{n}_dtype"), f"--{n}_dtype") if getattr(a, f"{n}_dtype") else base
+              for n in ("clip_l", "t5xxl", "ae", "flux")}
+    if a.steps is not None and a.steps < 1:
+        raise ConfigError(f"--steps {a.steps}: must be at least 1", key="--steps")
+    return GenerateOptions(
+        ckpt_path=Path(a.ckpt_path), clip_l=Path(a.clip_l) if a.clip_l else None,
+        t5xxl=Path(a.t5xxl) if a.t5xxl else None, ae=Path(a.ae), dtypes=dtypes, model_type=a.model_type,
+        tokenizer_cache_dir=Path(a.tokenizer_cache_dir) if a.tokenizer_cache_dir else None,
+        apply_t5_attn_mask=a.apply_t5_attn_mask, prompt=a.prompt, negative_prompt=a.negative_prompt,
+        cfg_scale=a.cfg_scale, guidance=a.guidance, steps=a.steps, seed=a.seed,
+        width=round_up_16(a.width, "--width"), height=round_up_16(a.height, "--height"),
+        output_dir=Path(a.output_dir), device=a.device, offload=a.offload,
+        lora_weights=tuple(parse_lora_spec(spec) for spec in a.lora_weights),
+        merge_lora_weights=a.merge_lora_weights, from_file=Path(a.from_file) if a.from_file else None,
+        interactive=a.interactive)
+
+
 def round_up_16(value: int, flag: str) -> int:
     if value <= 0:
         raise ConfigError(f"{flag} {value}: must be positive", key=flag)
@@ -136,25 +188,21 @@ def read_lora_network(path: Path, multiplier: float, flux: nn.Module, text_encod
 class Generator:
     """The loaded models and settings of one `generate` run."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: GenerateOptions):
         from fluxlora.families import resolve_family
         from fluxlora.models.checkpoints import read_header, require_kind
 
-        self.family, self.info = resolve_family(Path(args.ckpt_path), args.model_type, flag="--ckpt_path")
+        self.family, self.info = resolve_family(args.ckpt_path, args.model_type, flag="--ckpt_path")
         family = self.family
         files = {}
-        for e in family.encoders:
+        for e in family.encoders:  # the family says which text encoders it needs
             path = getattr(args, e.component, None)
-            if not path:
+            if path is None:
                 raise ConfigError(f"{e.flag} is required for {family.name} models: pass its safetensors file",
                                   key=e.flag)
             require_kind(read_header(path, flag=e.flag), e.kind, flag=e.flag)
             files[e.component] = Path(path)
-        if not args.ae:
-            raise ConfigError("--ae is required: pass the autoencoder safetensors file", key="--ae")
-        base = parse_dtype(args.dtype, "--dtype")
-        dtypes = {n: parse_dtype(getattr(args, f"{n}_dtype"), f"--{n}_dtype") if getattr(args, f"{n}_dtype") else base
-                  for n in ("clip_l", "t5xxl", "ae", "flux")}
+        dtypes = args.dtypes
         self.flux_fp8 = dtypes["flux"] if dtypes["flux"] in FP8 else None
         self.compute_dtype = torch.bfloat16 if self.flux_fp8 else dtypes["flux"]
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -164,16 +212,14 @@ class Generator:
         self.model = family.load_transformer(self.info, dtype=self.compute_dtype, device=load_device)
         self.model.eval().requires_grad_(False)
         self.text = family.load_text_encoders(
-            files, dtype={c: dtypes.get(c, base) for c in files}, keep_fp8=any(dtypes.get(c) in FP8 for c in files),
-            device=load_device, tokenizer_dir=Path(args.tokenizer_cache_dir) if args.tokenizer_cache_dir else None,
-            max_length=family.text_length(self.info, None), mask_padding=args.apply_t5_attn_mask,
-            autocast=contextlib.nullcontext)
-        self.ae = family.load_autoencoder(Path(args.ae), dtype=dtypes["ae"], device=load_device)
+            files, dtype={c: dtypes[c] for c in files}, keep_fp8=any(dtypes[c] in FP8 for c in files),
+            device=load_device, tokenizer_dir=args.tokenizer_cache_dir, max_length=family.text_length(self.info, None),
+            mask_padding=args.apply_t5_attn_mask, autocast=contextlib.nullcontext)
+        self.ae = family.load_autoencoder(args.ae, dtype=dtypes["ae"], device=load_device)
 
         self.merged = args.merge_lora_weights
         text_modules = [self.text.modules.get("clip_l"), self.text.modules.get("t5xxl")]
-        self.networks = [read_lora_network(path, mult, self.model, text_modules)
-                         for path, mult in map(parse_lora_spec, args.lora_weights)]
+        self.networks = [read_lora_network(path, mult, self.model, text_modules) for path, mult in args.lora_weights]
         if self.merged:
             for network in self.networks:
                 network.merge_into_base()  # before any fp8 storage, so the sum is taken in the compute dtype
@@ -187,8 +233,8 @@ class Generator:
 
         self.encode_fn: EncodeFn = lambda texts: self.text.encode(list(texts))  # noqa: E731
         self.apply_t5_attn_mask = args.apply_t5_attn_mask
-        self.extra_info = {"model": Path(args.ckpt_path).name,
-                           "loras": ", ".join(args.lora_weights) if args.lora_weights else ""}
+        self.extra_info = {"model": args.ckpt_path.name,
+                           "loras": ", ".join(f"{path};{mult:g}" for path, mult in args.lora_weights)}
 
     @property
     def variant(self) -> str:
@@ -295,17 +341,13 @@ def interactive_loop(generator: Generator, base: SamplePrompt, output_dir: Path,
 
 def main(argv: Sequence[str]) -> int:
     """Run `flux_minimal_inference.py` / `fluxlora generate` with sd-scripts' flags; returns the exit code."""
-    args = build_parser().parse_args(list(argv))
-    width = round_up_16(args.width, "--width")
-    height = round_up_16(args.height, "--height")
-    output_dir = Path(args.output_dir)
+    args = parse_generate_args(argv)
+    output_dir = args.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     generator = Generator(args)
     steps = args.steps if args.steps is not None else generator.family.default_sample_steps(generator.info)
-    if steps < 1:
-        raise ConfigError(f"--steps {steps}: must be at least 1", key="--steps")
-    base = SamplePrompt(prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height,
-                        seed=args.seed, steps=steps, guidance=args.guidance, cfg_scale=args.cfg_scale)
+    base = SamplePrompt(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
+                        height=args.height, seed=args.seed, steps=steps, guidance=args.guidance, cfg_scale=args.cfg_scale)
     if args.interactive:
         interactive_loop(generator, base, output_dir)
         return 0

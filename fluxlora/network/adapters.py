@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from fluxlora.config.adapter_args import AdapterSpec
 from fluxlora.network.adapter import Adapter
-from fluxlora.network.adapter_args import AdapterSpec
 from fluxlora.network.full import FullModule
 from fluxlora.network.locon import LoConModule
 from fluxlora.network.loha import LoHaModule

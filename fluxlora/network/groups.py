@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fluxlora.config.network_args import NetworkArgs, last_match
 from fluxlora.errors import ConfigError
-from fluxlora.network.args import NetworkArgs, last_match
 
 logger = logging.getLogger(__name__)
 

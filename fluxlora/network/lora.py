@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fluxlora.config.adapter_args import AdapterSpec
+from fluxlora.config.network_args import NetworkArgs, parse_network_args
 from fluxlora.errors import CheckpointError, ConfigError
-from fluxlora.network.adapter_args import AdapterSpec
 from fluxlora.network.adapters import ADAPTER_TYPES, ALL_SUFFIXES, adapter_from_file, algo_of, build_adapter
-from fluxlora.network.args import NetworkArgs, parse_network_args
 from fluxlora.network.groups import ParamGroups, build_param_groups
 from fluxlora.network.module import LoRAModule
 from fluxlora.network.saving import read_lora, save_lora

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fluxlora.network.adapter_args import Preset
-from fluxlora.network.args import IN_DIM_LAYERS, TYPE_DIM_KEYS, NetworkArgs, last_match
+from fluxlora.config.adapter_args import Preset
+from fluxlora.config.network_args import IN_DIM_LAYERS, TYPE_DIM_KEYS, NetworkArgs, last_match
 
 PREFIX_UNET = "lora_unet"
 PREFIX_CLIP = "lora_te1"

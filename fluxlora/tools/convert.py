@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 from fluxlora.errors import CheckpointError, ConfigError, FluxLoraError
 from fluxlora.files import save_safetensors
@@ -23,12 +25,36 @@ logger = logging.getLogger(__name__)
 # CLI name -> formats.py name. ai-toolkit and diffusers share one naming; PEFT drops the `transformer.` prefix.
 FORMAT_NAMES = {"sd-scripts": "kohya", "diffusers": "diffusers", "ai-toolkit": "ai-toolkit", "peft": "peft"}
 _DIFFUSERS_LIKE = ("diffusers", "ai-toolkit", "peft")
+_FOR_COMFYUI = "for ComfyUI or Forge convert with --dst sd-scripts (the kohya layout they read in full)"
+# CLI name -> who reads a file in that layout (printed after converting, so nobody ships a file their tool skips).
+CONSUMERS = {
+    "sd-scripts": "kohya layout (lora_unet_/lora_te1_/lora_te3_): read by ComfyUI, Forge/A1111, sd-scripts, fluxlora "
+                  "and diffusers (FluxPipeline.load_lora_weights converts it)",
+    "diffusers": "diffusers layout (transformer./text_encoder. lora_A/lora_B): read by diffusers "
+                 "(FluxPipeline.load_lora_weights) and ai-toolkit; ComfyUI skips its text-encoder (T5) keys, so "
+                 + _FOR_COMFYUI,
+    "ai-toolkit": "ai-toolkit layout (the diffusers naming): read by ai-toolkit and diffusers "
+                  "(FluxPipeline.load_lora_weights); ComfyUI skips its text-encoder (T5) keys, so " + _FOR_COMFYUI,
+    "peft": "PEFT layout (no transformer. prefix): read by peft on the transformer itself "
+            "(FluxTransformer2DModel.load_lora_adapter); FluxPipeline.load_lora_weights wants --dst diffusers, and "
+            "ComfyUI and Forge read none of its keys, so " + _FOR_COMFYUI,
+}
 
 
-def convert(args: argparse.Namespace) -> None:
-    if args.src_path is None or args.dst_path is None:
-        missing = "--src_path" if args.src_path is None else "--dst_path"
-        raise ConfigError(f"{missing} is required", key=missing)
+@dataclass(frozen=True)
+class ConvertOptions:
+    """The flags of `convert_flux_lora.py` (sd-scripts names), typed."""
+
+    src_path: Path
+    dst_path: Path
+    src: str = "ai-toolkit"  # a key of FORMAT_NAMES
+    dst: str = "sd-scripts"
+    drop_unmapped: bool = False
+    hidden_size: int | None = None
+
+
+def convert(args: ConvertOptions) -> str:
+    """Convert `src_path` (layout `src`) to `dst_path` (layout `dst`); returns who reads the written layout."""
     header = read_header(args.src_path, flag="--src_path")
     src, dst = FORMAT_NAMES[args.src], FORMAT_NAMES[args.dst]
     try:
@@ -49,6 +75,7 @@ def convert(args: argparse.Namespace) -> None:
     save_safetensors(args.dst_path, out, header.metadata)
     logger.info("converted %s (%s, %d tensors) -> %s (%s, %d tensors)", header.path, args.src, len(tensors),
                 args.dst_path, args.dst, len(out))
+    return CONSUMERS[args.dst]
 
 
 def refuse_lycoris(tensors, dst: str) -> None:
@@ -76,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_convert_args(argv: list[str]) -> ConvertOptions:
+    """The command line as `ConvertOptions`; --src_path and --dst_path are required."""
+    a = build_parser().parse_args(argv)
+    for flag in ("src_path", "dst_path"):
+        if getattr(a, flag) is None:
+            raise ConfigError(f"--{flag} is required", key=f"--{flag}")
+    return ConvertOptions(src_path=Path(a.src_path), dst_path=Path(a.dst_path), src=a.src, dst=a.dst,
+                          drop_unmapped=a.drop_unmapped, hidden_size=a.hidden_size)
+
+
 def main(argv: list[str]) -> int:
-    convert(build_parser().parse_args(argv))
+    options = parse_convert_args(argv)
+    readers = convert(options)
+    print(f"wrote {options.dst_path}: {readers}")
     return 0

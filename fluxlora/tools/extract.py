@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,10 +22,25 @@ import torch
 from fluxlora.errors import CheckpointError, ConfigError
 from fluxlora.models.checkpoints import ModelKind, read_header, require_kind, strip_prefix
 from fluxlora.network.formats import LoraModule, kohya_name, write_kohya
+from fluxlora.network.metadata import build_metadata, flux1_architecture
 from fluxlora.network.saving import save_lora
-from fluxlora.tools.merge import lora_modelspec, parse_precision
+from fluxlora.tools.merge import parse_precision
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """The flags of `flux_extract_lora.py` (sd-scripts names), typed."""
+
+    model_org: Path
+    model_tuned: Path
+    save_to: Path
+    dim: int = 4
+    device: str | None = None
+    save_precision: str | None = None
+    clamp_quantile: float = 0.99
+    no_metadata: bool = False
 
 
 def target_keys(model_keys: dict[str, tuple[int, ...]]) -> list[str]:
@@ -57,14 +73,15 @@ def svd_lora(delta: torch.Tensor, dim: int, clamp_quantile: float) -> tuple[torc
     return up, down
 
 
-def _open_model(path: str, flag: str):
+def _open_model(path: Path, flag: str):
     header = read_header(path, flag=flag)
     require_kind(header, ModelKind.FLUX, flag=flag)
     model_to_file = {model: file for file, model in strip_prefix(header.tensors).items()}
     return header, model_to_file
 
 
-def extract(args: argparse.Namespace) -> None:
+def extract(args: ExtractOptions) -> None:
+    """SVD-extract the LoRA of `model_tuned - model_org` and save it to `save_to`."""
     from safetensors import safe_open
 
     save_dtype = parse_precision(args.save_precision, "--save_precision") or torch.float32
@@ -99,17 +116,11 @@ def extract(args: argparse.Namespace) -> None:
     tensors = write_kohya(modules, save_dtype)
     ranks = {m.rank for m in modules.values()}
     rank = str(ranks.pop()) if len(ranks) == 1 else None
-    metadata = {
-        "ss_v2": "False",
-        "ss_base_model_version": "flux1",
-        "ss_network_module": "networks.lora_flux",
-        "ss_network_dim": rank or "Dynamic",
-        "ss_network_alpha": str(float(rank)) if rank else "Dynamic",
-        "ss_network_args": "{}",
-    }
-    if not args.no_metadata:
-        schnell = "guidance_in.in_layer.weight" not in tuned_keys
-        metadata.update(lora_modelspec("schnell" if schnell else "dev", Path(args.save_to).stem))
+    schnell = "guidance_in.in_layer.weight" not in tuned_keys
+    info = {"network_dim": rank or "Dynamic", "network_alpha": str(float(rank)) if rank else "Dynamic",
+            "network_args": {}, "metadata_title": args.save_to.stem}
+    metadata = build_metadata(info, flux1_architecture("schnell" if schnell else "dev"),
+                              detail="bare" if args.no_metadata else "minimal")
     save_lora(args.save_to, tensors, metadata)  # adds sshs_model_hash / sshs_legacy_hash
     logger.info("extracted %d module(s) at rank %s -> %s", len(modules), rank or "varying", args.save_to)
 
@@ -128,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_extract_args(argv: list[str]) -> ExtractOptions:
+    """The command line as `ExtractOptions`."""
+    a = build_parser().parse_args(argv)
+    return ExtractOptions(model_org=Path(a.model_org), model_tuned=Path(a.model_tuned), save_to=Path(a.save_to),
+                          dim=a.dim, device=a.device, save_precision=a.save_precision,
+                          clamp_quantile=a.clamp_quantile, no_metadata=a.no_metadata)
+
+
 def main(argv: list[str]) -> int:
-    extract(build_parser().parse_args(argv))
+    extract(parse_extract_args(argv))
     return 0

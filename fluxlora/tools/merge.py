@@ -64,9 +64,37 @@ from fluxlora.network.formats import (
     to_kohya,
     write_kohya,
 )
-from fluxlora.network.saving import modelspec, save_lora
+from fluxlora.network.metadata import ArchitectureStrings, build_metadata, flux1_architecture, model_metadata
+from fluxlora.network.saving import save_lora
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """The flags of `flux_merge_lora.py` (sd-scripts names), typed."""
+
+    models: tuple[Path, ...]
+    ratios: tuple[float, ...]  # one per model
+    save_to: Path | None = None
+    flux_model: Path | None = None
+    clip_l: Path | None = None
+    t5xxl: Path | None = None
+    clip_l_save_to: Path | None = None
+    t5xxl_save_to: Path | None = None
+    precision: str = "float"
+    save_precision: str | None = None
+    loading_device: str = "cpu"
+    working_device: str = "cpu"
+    no_metadata: bool = False
+    concat: bool = False
+    shuffle: bool = False
+    ignore_unmatched: bool = False
+
+    @property
+    def into_models(self) -> bool:
+        """True when the LoRAs are merged into base model files (else into one LoRA)."""
+        return any(p is not None for p in (self.flux_model, self.clip_l, self.t5xxl))
 
 _DTYPES = {
     "float": torch.float32, "fp32": torch.float32, "float32": torch.float32,
@@ -89,17 +117,10 @@ def parse_precision(value: str | None, flag: str, *, allow_fp8: bool = True) -> 
     return dtype
 
 
-def model_modelspec(variant: str, title: str, *, merged_from: str | None = None) -> dict[str, str]:
-    """ModelSpec 1.0.1 keys for a merged FLUX model file (`flux-1-dev` / `flux-1-schnell`, spec §6.3)."""
-    meta = lora_modelspec(variant, title, merged_from=merged_from)
-    meta["modelspec.architecture"] = meta["modelspec.architecture"].removesuffix("/lora")
-    return meta
-
-
-def lora_modelspec(variant: str, title: str, *, merged_from: str | None = None) -> dict[str, str]:
-    """ModelSpec keys for a LoRA written by a tool (the network's own builder, so trainer and tools agree)."""
-    info = {"model_variant": variant, "metadata_title": title, "metadata_merged_from": merged_from}
-    return modelspec(info)
+def architecture_of_loras(metadatas: list[Mapping[str, str]]) -> ArchitectureStrings:
+    """The base model the merged LoRAs share: FLUX.1-schnell when every input says so, else FLUX.1-dev."""
+    archs = {meta.get("modelspec.architecture") for meta in metadatas}
+    return flux1_architecture("schnell" if archs == {"flux-1-schnell/lora"} else "dev")
 
 
 @dataclass
@@ -166,11 +187,12 @@ _BASES = (  # (lora prefix, model flag, save flag, kinds)
 )
 
 
-def merge_into_models(args: argparse.Namespace, ratios: list[float]) -> None:
+def merge_into_models(args: MergeOptions) -> None:
+    """Merge the LoRAs into the given FLUX.1 / CLIP-L / T5 files, each written to its `*save_to` path."""
     merge_dtype = parse_precision(args.precision, "--precision", allow_fp8=False)
     save_dtype = parse_precision(args.save_precision, "--save_precision")
     loras = [(Path(p), r, *load_lora(p, ignore_unmatched=args.ignore_unmatched))
-             for p, r in zip(args.models, ratios, strict=True)]
+             for p, r in zip(args.models, args.ratios, strict=True)]
     bases = {}
     for prefix, flag, save_flag, kinds in _BASES:
         path = getattr(args, flag[2:])
@@ -229,12 +251,10 @@ def merge_into_models(args: argparse.Namespace, ratios: list[float]) -> None:
                               args.loading_device)
         metadata: dict[str, str] = {}
         if not args.no_metadata:
-            metadata["ss_merged_from"] = merged_from
-            if prefix == "lora_unet":
-                stripped = strip_prefix(header.tensors)
-                schnell = "guidance_in.in_layer.weight" not in stripped.values()
-                metadata.update(model_modelspec("schnell" if schnell else "dev", "Merged model",
-                                                merged_from=merged_from))
+            stripped = strip_prefix(header.tensors)
+            schnell = "guidance_in.in_layer.weight" not in stripped.values()
+            metadata = model_metadata(flux1_architecture("schnell" if schnell else "dev"), title="Merged model",
+                                      merged_from=merged_from, with_modelspec=prefix == "lora_unet")
         out = Path(getattr(args, save_flag[2:]))
         save_streaming(out, tensors, metadata)
         logger.info("merged %d module(s) into %s -> %s", len(plan[prefix]), header.path, out)
@@ -291,11 +311,11 @@ def save_streaming(path: str | Path, tensors: Mapping[str, torch.Tensor], metada
             handle.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def merge_loras(args: argparse.Namespace, ratios: list[float]) -> None:
+def merge_loras(args: MergeOptions) -> None:
     """LoRA + LoRA merge into one kohya LoRA (see the module docstring for the exact semantics)."""
     save_dtype = parse_precision(args.save_precision, "--save_precision")
     merge_dtype = parse_precision(args.precision, "--precision", allow_fp8=False) or torch.float32
-    loras = [(Path(p), r, *load_lora(p)) for p, r in zip(args.models, ratios, strict=True)]
+    loras = [(Path(p), r, *load_lora(p)) for p, r in zip(args.models, args.ratios, strict=True)]
     for path, _, modules, _ in loras:
         lycoris = [n for n, m in modules.items() if isinstance(m, LycorisModule)]
         if lycoris:
@@ -335,18 +355,12 @@ def merge_loras(args: argparse.Namespace, ratios: list[float]) -> None:
     ranks = {m.rank for m in result.values()}
     alphas = {m.alpha for m in result.values()}
     merged_from = ", ".join(_title(p, meta) for p, _, _, meta in loras)
-    metadata = {
-        "ss_v2": "False",
-        "ss_base_model_version": "flux1",
-        "ss_network_module": "networks.lora_flux",
-        "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-        "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
-        "ss_merged_from": merged_from,
-    }
-    archs = {meta.get("modelspec.architecture") for _, _, _, meta in loras}
-    variant = "schnell" if archs == {"flux-1-schnell/lora"} else "dev"
-    if not args.no_metadata:
-        metadata.update(lora_modelspec(variant, Path(args.save_to).stem, merged_from=merged_from))
+    assert args.save_to is not None
+    info = {"network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+            "network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic", "merged_from": merged_from,
+            "metadata_title": args.save_to.stem, "metadata_merged_from": merged_from}
+    metadata = build_metadata(info, architecture_of_loras([meta for *_, meta in loras]),
+                              detail="bare" if args.no_metadata else "minimal")
     save_lora(args.save_to, tensors, metadata)  # adds sshs_model_hash / sshs_legacy_hash
     logger.info("merged %d LoRA(s), %d module(s) -> %s", len(loras), len(result), args.save_to)
 
@@ -377,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str]) -> int:
+def parse_merge_args(argv: list[str]) -> MergeOptions:
+    """The command line as `MergeOptions`, with the flag combinations checked."""
     args = build_parser().parse_args(argv)
     if not args.models:
         raise ConfigError("--models is empty; give the LoRA file(s) to merge", key="--models")
@@ -385,10 +400,26 @@ def main(argv: list[str]) -> int:
     if len(ratios) != len(args.models):
         raise ConfigError(f"--ratios has {len(ratios)} value(s) but --models has {len(args.models)} file(s); "
                           "give one ratio per model", key="--ratios")
-    if args.flux_model or args.clip_l or args.t5xxl:
-        merge_into_models(args, ratios)
+    paths = {name: None if getattr(args, name) is None else Path(getattr(args, name))
+             for name in ("save_to", "flux_model", "clip_l", "t5xxl", "clip_l_save_to", "t5xxl_save_to")}
+    options = MergeOptions(
+        models=tuple(Path(p) for p in args.models), ratios=tuple(float(r) for r in ratios), **paths,
+        precision=args.precision, save_precision=args.save_precision, loading_device=args.loading_device,
+        working_device=args.working_device, no_metadata=args.no_metadata, concat=args.concat, shuffle=args.shuffle,
+        ignore_unmatched=args.ignore_unmatched)
+    if not options.into_models and options.save_to is None:
+        raise ConfigError("--save_to is required; say where to write the merged LoRA", key="--save_to")
+    return options
+
+
+def merge(options: MergeOptions) -> None:
+    """Merge into model files or into one LoRA, as the options say."""
+    if options.into_models:
+        merge_into_models(options)
     else:
-        if args.save_to is None:
-            raise ConfigError("--save_to is required; say where to write the merged LoRA", key="--save_to")
-        merge_loras(args, ratios)
+        merge_loras(options)
+
+
+def main(argv: list[str]) -> int:
+    merge(parse_merge_args(argv))
     return 0

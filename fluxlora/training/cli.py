@@ -7,8 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from fluxlora.config.config_file import maybe_write_output_config
-from fluxlora.config.defaults import describe_differences
-from fluxlora.config.train_config import TrainConfig, parse_train_config
+from fluxlora.config.train_config import TrainConfig, describe_differences, parse_train_config
 from fluxlora.errors import guarded
 from fluxlora.files import remove_stale_temp_files
 from fluxlora.training.plan import RunPlan, build_plan

@@ -7,10 +7,18 @@ after epoch 1 (spec §12.19). Validation averages are computed per validation ru
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def tracker_dir(logging_dir: Path, log_prefix: str | None, now: float | None = None) -> Path:
+    """`<logging_dir>/<log_prefix><YYYYmmddHHMMSS>`: each run's TensorBoard folder, named as sd-scripts names it
+    (the tracker then writes into `<that>/<log_tracker_name>/`)."""
+    stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(now))
+    return Path(logging_dir) / f"{log_prefix or ''}{stamp}"
 
 
 @dataclass

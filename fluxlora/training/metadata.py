@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fluxlora.network.saving import build_metadata
+from fluxlora.network.metadata import build_metadata
 from fluxlora.training.plan import RunPlan
 
 
@@ -26,8 +26,6 @@ def lora_metadata(plan: RunPlan, facts: RunFacts, *, steps: int, epoch: int, net
     cfg, data = plan.cfg, plan.data
     info: dict[str, Any] = {k: v for k, v in cfg.flat().items() if not k.startswith(("wandb_", "huggingface_"))}
     info.update(
-        model_variant=plan.model.variant,
-        family_metadata=plan.family.lora_metadata(plan.model),
         network_args=network_args or None,
         max_train_steps=plan.schedule.max_train_steps,
         session_id=facts.session_id,
@@ -48,4 +46,5 @@ def lora_metadata(plan: RunPlan, facts: RunFacts, *, steps: int, epoch: int, net
         tag_frequency=json.dumps(data.tag_frequency()),
         dataset_dirs=json.dumps(data.dataset_dirs()),
     )
-    return build_metadata(info, no_metadata=cfg.saving.no_metadata)
+    architecture = plan.family.architecture(plan.model)  # the model family names its base model
+    return build_metadata(info, architecture, detail="minimal" if cfg.saving.no_metadata else "full")

@@ -7,15 +7,15 @@ Learning-rate schedulers live in :mod:`fluxlora.training.schedulers`.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import importlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
 
+from fluxlora.config.optim_specs import parse_kv_args, parse_optimizer_args
 from fluxlora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "OPTIMIZERS",
     "build_optimizer",
+    "check_optimizer",
+    "dummy_optimizer",
     "eval_mode",
     "is_schedule_free",
     "optimizer_eval_mode",
@@ -108,33 +110,6 @@ def resolve_optimizer_name(optimizer_type: str | None, use_8bit_adam: bool, use_
     return chosen or "AdamW"
 
 
-def parse_kv_args(items: list[str] | None, flag: str) -> dict[str, object]:
-    """Parse ``key=value`` items of a command-line flag; values are Python literals, else kept as strings."""
-    parsed: dict[str, object] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ConfigError(
-                f"{flag}: {item!r} is not of the form key=value (e.g. weight_decay=0.01 or betas=0.9,0.99)",
-                key=flag,
-            )
-        if key in parsed:
-            raise ConfigError(f"{flag}: {key} is given twice; keep one value", key=flag)
-        raw = raw.strip()
-        try:
-            value: object = ast.literal_eval(raw)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            value = raw  # a bare word such as `decay_type=cosine`
-        parsed[key] = value
-    return parsed
-
-
-def parse_optimizer_args(items: list[str] | None) -> dict[str, object]:
-    """Parse ``--optimizer_args`` (``k=v`` items, values as Python literals, falling back to the string)."""
-    return parse_kv_args(items, "--optimizer_args")
-
-
 # ------------------------------------------------------------------------------------------------- build
 
 
@@ -215,7 +190,7 @@ def _prepare_kwargs(
 
 
 def _construct(optimizer_type: str, param_groups: list[dict], learning_rate: float,
-               optimizer_args: dict[str, object] | None) -> tuple[torch.optim.Optimizer, type, dict[str, object]]:
+               optimizer_args: Mapping[str, object] | None) -> tuple[torch.optim.Optimizer, type, dict[str, object]]:
     key, cls = _optimizer_class(resolve_optimizer_name(optimizer_type, False, False))
     groups = [dict(group) for group in param_groups]
     kwargs = dict(optimizer_args or {})
@@ -229,10 +204,19 @@ def _construct(optimizer_type: str, param_groups: list[dict], learning_rate: flo
         ) from exc
 
 
-def check_optimizer(optimizer_type: str, *, learning_rate: float, optimizer_args: dict[str, object] | None) -> None:
+def dummy_optimizer(optimizer_type: str, *, learning_rate: float,
+                    optimizer_args: Mapping[str, object] | None) -> torch.optim.Optimizer:
+    """The optimizer over one dummy parameter (for checks that need an optimizer object, e.g. the scheduler's)."""
+    optimizer, _, _ = _construct(optimizer_type, [{"params": [torch.zeros(1, requires_grad=True)]}], learning_rate,
+                                 dict(optimizer_args or {}))
+    return optimizer
+
+
+def check_optimizer(optimizer_type: str, *, learning_rate: float,
+                    optimizer_args: Mapping[str, object] | None) -> None:
     """Build the optimizer over one dummy parameter: an unknown name, a missing package or arguments the class
     refuses fail here, in the preflight, instead of after the models are loaded."""
-    _construct(optimizer_type, [{"params": [torch.zeros(1, requires_grad=True)]}], learning_rate, optimizer_args)
+    dummy_optimizer(optimizer_type, learning_rate=learning_rate, optimizer_args=optimizer_args)
 
 
 def build_optimizer(
@@ -240,7 +224,7 @@ def build_optimizer(
     param_groups: list[dict],
     *,
     learning_rate: float,
-    optimizer_args: dict[str, object] | None = None,
+    optimizer_args: Mapping[str, object] | None = None,
 ) -> tuple[torch.optim.Optimizer, str]:
     """Create the optimizer named by ``--optimizer_type`` over ``param_groups`` (not modified).
 

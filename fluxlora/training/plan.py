@@ -3,9 +3,9 @@
 `build_plan(cfg)` reads the model headers, the dataset TOML and folders, the output and resume folders and the prompt
 file once, runs every check (`fluxlora.training.preflight`) and reports all problems together in one error. What it
 returns is frozen: the model family and what the transformer file is, the precisions, which encoders are kept or
-freed, block swap and checkpointed blocks (`auto` resolved here from the planner), the dataset, the parsed network /
-optimizer / scheduler arguments (validated by constructing them over a dummy parameter), the step schedule, the
-memory plan and the output names. `fluxlora.training.setup` executes it; nothing after this re-reads a TOML or a
+freed, block swap and checkpointed blocks (`auto` resolved here from the planner), the dataset, the step schedule
+(the optimizer and scheduler of the config's typed specs validated by constructing them over a dummy parameter for
+the run's real length), the memory plan and the output names. `fluxlora.training.setup` executes it; nothing after this re-reads a TOML or a
 header. `fluxlora check` prints it and stops.
 """
 
@@ -30,6 +30,7 @@ from fluxlora.families import resolve_family
 from fluxlora.families.base import ModelFamily, ModelInfo
 from fluxlora.models.checkpoints import SafetensorsHeader
 from fluxlora.training import planner, preflight
+from fluxlora.training.launch import launched_world_size
 from fluxlora.training.outputs import OutputNames, save_every_n_epochs
 from fluxlora.training.planner import GB, OPTIMIZER_STATES, MemoryPlan, Workload
 from fluxlora.training.precision import Precision, precision_for
@@ -86,8 +87,6 @@ class RunPlan:
     blueprint: DatasetBlueprint
     data: TrainingData
     seed: int
-    optimizer_args: Mapping[str, Any]
-    scheduler_args: Mapping[str, Any]
     schedule: Schedule
     workload: Workload
     memory: MemoryPlan
@@ -135,14 +134,6 @@ class Problems:
         raise type(first)(message, path=first.path, key=first.key)
 
 
-def launched_world_size() -> int:
-    """Processes the launcher (accelerate launch, torchrun, MPI) started; 1 for a plain `python` run."""
-    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 1
-
-
 def training_device() -> torch.device:
     """The device this process will train on (accelerate's choice: the local GPU, else the CPU)."""
     if torch.cuda.is_available():
@@ -174,9 +165,7 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         problems.check(lambda: preflight.check_network_weights(cfg, family, info))
     text_length = problems.check(lambda: family.text_length(info, cfg.flow.t5xxl_max_token_length)) \
         if family is not None else None
-    problems.check(lambda: preflight.check_network_args(cfg))
-    optimizer_args = problems.check(lambda: preflight.check_optimizer_flags(cfg))
-    scheduler_args = problems.check(lambda: preflight.check_scheduler_args(cfg))
+    optimizer_ok = problems.check(lambda: preflight.check_optimizer(cfg) or True)
     problems.check(lambda: preflight.check_output_dir(cfg.saving.output_dir))
     problems.check(lambda: preflight.check_resume_dir(cfg.saving.resume))
     blueprint = problems.check(lambda: preflight.load_blueprint(cfg))
@@ -189,12 +178,13 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
     schedule = None
     if data is not None:
         schedule = problems.check(lambda: schedule_for(cfg, data, num_processes))
-        if schedule is not None and optimizer_args is not None and scheduler_args is not None:
-            problems.check(lambda: preflight.check_scheduler(cfg, optimizer_args, scheduler_args,
-                                                             schedule.max_train_steps))
+    # the scheduler is checked for the run's length: known without the dataset unless it is counted in epochs
+    steps = schedule.max_train_steps if schedule is not None else \
+        (None if cfg.training.max_train_epochs else cfg.training.max_train_steps)
+    if steps is not None and optimizer_ok:
+        problems.check(lambda: preflight.check_scheduler(cfg, steps))
     problems.raise_if_any()
     assert family is not None and info is not None and blueprint is not None and data is not None
-    assert optimizer_args is not None and scheduler_args is not None
     assert schedule is not None and text_length is not None
 
     precision = precision_for(cfg)
@@ -209,7 +199,7 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         cfg=cfg, family=family, model=info, encoder_files=encoder_files, headers=headers, text_length=text_length,
         precision=precision, residency=residency, device=device, num_processes=num_processes,
         blocks_to_swap=blocks_to_swap, checkpointed=checkpointed, blueprint=blueprint, data=data, seed=seed,
-        optimizer_args=optimizer_args, scheduler_args=scheduler_args, schedule=schedule,
+        schedule=schedule,
         workload=workload, memory=planner.estimate(workload),
         outputs=OutputNames(cfg.saving.output_dir, cfg.saving.output_name),
     )

@@ -10,15 +10,9 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-from fluxlora.config.dataset import (
-    DatasetBlueprint,
-    DatasetDefaults,
-    blueprint_from_flags,
-    load_dataset_config,
-)
-from fluxlora.config.train_config import TrainConfig, check_caching_conflicts, dataset_defaults_kwargs
+from fluxlora.config.dataset import DatasetBlueprint, blueprint_from_flags, load_dataset_config
+from fluxlora.config.train_config import TrainConfig, check_caching_conflicts
 from fluxlora.data.datasets import TrainingData, build_training_data
 from fluxlora.errors import CheckpointError, ConfigError, FluxLoraError
 from fluxlora.families.base import ModelFamily, ModelInfo
@@ -82,7 +76,7 @@ def check_checkpoint_blocks(cfg: TrainConfig, info: ModelInfo) -> None:
 
 
 def load_blueprint(cfg: TrainConfig) -> DatasetBlueprint:
-    defaults = DatasetDefaults(**dataset_defaults_kwargs(cfg))
+    defaults = cfg.dataset_flags  # the TOML resolves against the command-line values directly
     if cfg.dataset_flags.dataset_config is not None:
         return load_dataset_config(cfg.dataset_flags.dataset_config, defaults)
     return blueprint_from_flags(defaults)
@@ -122,47 +116,21 @@ def check_resume_dir(resume: Path | None) -> None:
                           path=resume, key="--resume")
 
 
-def check_network_args(cfg: TrainConfig) -> Any:
-    """--network_args, parsed as the network will parse them (unknown names, bad values)."""
-    from fluxlora.network.args import parse_network_args
+def check_optimizer(cfg: TrainConfig) -> None:
+    """The optimizer (name, package, --optimizer_args) built over a dummy parameter. --network_args and the other
+    argument lists were parsed into typed specs with the config."""
+    from fluxlora.training.optim import check_optimizer as build_over_dummy
 
-    return parse_network_args(list(cfg.network.network_args), network_dropout=cfg.network.network_dropout,
-                              network_module=cfg.network.network_module)  # adapters: lycoris.kohya spelling
-
-
-def check_optimizer_flags(cfg: TrainConfig) -> dict[str, object]:
-    """The optimizer (name, package, --optimizer_args) built over a dummy parameter; its parsed arguments."""
-    from fluxlora.training.optim import check_optimizer, parse_optimizer_args
-
-    optimizer_args = parse_optimizer_args(list(cfg.optim.optimizer_args))
-    check_optimizer(cfg.optim.optimizer_type, learning_rate=cfg.optim.learning_rate, optimizer_args=optimizer_args)
-    return optimizer_args
+    spec = cfg.optim.optimizer_spec
+    build_over_dummy(spec.optimizer_type, learning_rate=spec.learning_rate, optimizer_args=spec.args)
 
 
-def check_scheduler_args(cfg: TrainConfig) -> dict[str, object]:
-    from fluxlora.training.optim import parse_kv_args
+def check_scheduler(cfg: TrainConfig, max_train_steps: int) -> None:
+    """The LR scheduler (name, --lr_scheduler_args, warm-up within the run, min-LR ratio) built over a dummy
+    optimizer for the run's real length."""
+    from fluxlora.training.schedulers import check_scheduler as build_over_dummy
 
-    return parse_kv_args(list(cfg.optim.lr_scheduler_args), "--lr_scheduler_args")
-
-
-def check_scheduler(cfg: TrainConfig, optimizer_args: dict[str, object], scheduler_args: dict[str, object],
-                    max_train_steps: int) -> None:
-    """Build the LR scheduler over a dummy optimizer for the run's length: an unknown name, arguments it refuses or
-    a warm-up longer than the run fail here, before any weight is loaded."""
-    import torch
-
-    from fluxlora.training.optim import build_optimizer, required_scheduler
-    from fluxlora.training.schedulers import build_scheduler
-
-    o = cfg.optim
-    optimizer, _ = build_optimizer(o.optimizer_type, [{"params": [torch.zeros(1, requires_grad=True)]}],
-                                   learning_rate=o.learning_rate, optimizer_args=dict(optimizer_args))
-    build_scheduler(
-        required_scheduler(optimizer) or o.lr_scheduler, optimizer, num_training_steps=max_train_steps,
-        num_warmup_steps=o.lr_warmup_steps, num_decay_steps=o.lr_decay_steps, num_cycles=o.lr_scheduler_num_cycles,
-        power=o.lr_scheduler_power, timescale=o.lr_scheduler_timescale, min_lr_ratio=o.lr_scheduler_min_lr_ratio,
-        scheduler_type=o.lr_scheduler_type, scheduler_args=dict(scheduler_args), initial_lr=o.learning_rate,
-    )
+    build_over_dummy(cfg.optim.scheduler_spec, cfg.optim.optimizer_spec, num_training_steps=max_train_steps)
 
 
 def check_dataset(cfg: TrainConfig, blueprint: DatasetBlueprint, seed: int) -> TrainingData:
@@ -184,5 +152,5 @@ def check_prompt_file(cfg: TrainConfig) -> None:
 
 
 __all__ = ["check_checkpoint_blocks", "check_dataset", "check_encoder_files", "check_memory_flags",
-           "check_network_args", "check_network_weights", "check_optimizer_flags", "check_output_dir",
-           "check_prompt_file", "check_resume_dir", "check_scheduler", "check_scheduler_args", "load_blueprint"]
+           "check_network_weights", "check_optimizer", "check_output_dir", "check_prompt_file", "check_resume_dir",
+           "check_scheduler", "load_blueprint"]

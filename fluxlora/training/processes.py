@@ -16,6 +16,7 @@ from torch import nn
 
 from fluxlora.config.train_config import TrainConfig
 from fluxlora.errors import ConfigError
+from fluxlora.training.logs import tracker_dir
 from fluxlora.training.state import capture_rng
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,9 @@ def make_accelerator(cfg: TrainConfig, num_processes: int) -> Any:
     kwargs: dict[str, Any] = {}
     if cfg.logging.log_with:
         kwargs["log_with"] = cfg.logging.log_with
-        kwargs["project_dir"] = str(cfg.logging.logging_dir) if cfg.logging.logging_dir else None
+        # sd-scripts' folder: <logging_dir>/<log_prefix><YYYYmmddHHMMSS>
+        kwargs["project_dir"] = (str(tracker_dir(cfg.logging.logging_dir, cfg.logging.log_prefix))
+                                 if cfg.logging.logging_dir else None)
     if cfg.memory.ddp_timeout:
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.memory.ddp_timeout))]
     if num_processes > 1 and not torch.cuda.is_available():

@@ -15,12 +15,13 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from fluxlora.config.optim_specs import OptimizerSpec, SchedulerSpec
 from fluxlora.errors import ConfigError
-from fluxlora.training.optim import is_schedule_free, required_scheduler
+from fluxlora.training.optim import dummy_optimizer, is_schedule_free, required_scheduler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCHEDULERS", "build_scheduler", "resolve_steps"]
+__all__ = ["SCHEDULERS", "build_scheduler", "check_scheduler", "resolve_steps", "scheduler_from_spec"]
 
 SCHEDULERS = (
     "linear",
@@ -239,3 +240,23 @@ def build_scheduler(
         f"--lr_scheduler {name!r} is unknown; valid: {', '.join(SCHEDULERS)} (or --lr_scheduler_type for a class)",
         key="--lr_scheduler",
     )
+
+
+def scheduler_from_spec(spec: SchedulerSpec, optimizer: Optimizer, *, num_training_steps: int) -> LRScheduler:
+    """`build_scheduler` from the typed `--lr_scheduler*` settings; an optimizer that sets its own step size
+    (Adafactor with relative_step) gets the scheduler it requires."""
+    return build_scheduler(
+        required_scheduler(optimizer) or spec.lr_scheduler, optimizer, num_training_steps=num_training_steps,
+        num_warmup_steps=spec.lr_warmup_steps, num_decay_steps=spec.lr_decay_steps,
+        num_cycles=spec.lr_scheduler_num_cycles, power=spec.lr_scheduler_power, timescale=spec.lr_scheduler_timescale,
+        min_lr_ratio=spec.lr_scheduler_min_lr_ratio, scheduler_type=spec.lr_scheduler_type,
+        scheduler_args=dict(spec.args), initial_lr=spec.initial_lr,
+    )
+
+
+def check_scheduler(spec: SchedulerSpec, optimizer: OptimizerSpec, *, num_training_steps: int) -> None:
+    """Build the scheduler over a dummy parameter: an unknown `--lr_scheduler`, `--lr_scheduler_args` the schedule
+    refuses, a warm-up longer than the run or a missing min-LR ratio fail before any weight is loaded."""
+    dummy = dummy_optimizer(optimizer.optimizer_type, learning_rate=optimizer.learning_rate,
+                            optimizer_args=optimizer.args)
+    scheduler_from_spec(spec, dummy, num_training_steps=num_training_steps)

@@ -20,10 +20,10 @@ from fluxlora.inference.training_samples import EncodedPrompts, encode_sample_pr
 from fluxlora.network.lora import create_network, create_network_from_weights
 from fluxlora.training.metadata import RunFacts
 from fluxlora.training.models import LatentEncodeFn, Models, load_models
-from fluxlora.training.optim import build_optimizer, required_scheduler
+from fluxlora.training.optim import build_optimizer
 from fluxlora.training.plan import RunPlan
 from fluxlora.training.processes import Processes, make_accelerator
-from fluxlora.training.schedulers import build_scheduler
+from fluxlora.training.schedulers import scheduler_from_spec
 from fluxlora.training.state import TrainCounters, fingerprint_differences, load_state, restore_rng
 from fluxlora.training.step import Trainable
 
@@ -123,12 +123,12 @@ def _trainable(plan: RunPlan, models: Models, device: torch.device) -> tuple[Tra
     te_list = _lora_text_encoders(models.text)
     if n.dim_from_weights:
         network, _ = create_network_from_weights(1.0, n.network_weights, models.transformer, te_list,
-                                                 network_args=list(n.network_args), neuron_dropout=n.network_dropout,
+                                                 network_args=n.network_spec, neuron_dropout=n.network_dropout,
                                                  train_unet=train_unet, train_text_encoder=train_te,
                                                  network_module=n.network_module)  # adapters: LyCORIS args
     else:
         network = create_network(1.0, n.network_dim, n.network_alpha, models.transformer, te_list,
-                                 network_args=list(n.network_args), neuron_dropout=n.network_dropout,
+                                 network_args=n.network_spec, neuron_dropout=n.network_dropout,
                                  train_unet=train_unet, train_text_encoder=train_te,
                                  generator=torch.Generator().manual_seed(plan.seed),
                                  network_module=n.network_module)  # adapters: LyCORIS args
@@ -140,16 +140,11 @@ def _trainable(plan: RunPlan, models: Models, device: torch.device) -> tuple[Tra
     network.train()
     trained = frozenset(m.component for m in network.loras if m.component != "unet")
 
-    o = cfg.optim
-    groups = network.prepare_optimizer_params(list(n.text_encoder_lr) or None, n.unet_lr, o.learning_rate)
-    optimizer, description = build_optimizer(o.optimizer_type, groups.groups, learning_rate=o.learning_rate,
-                                              optimizer_args=dict(plan.optimizer_args))
-    scheduler = build_scheduler(
-        required_scheduler(optimizer) or o.lr_scheduler, optimizer, num_training_steps=plan.schedule.max_train_steps,
-        num_warmup_steps=o.lr_warmup_steps, num_decay_steps=o.lr_decay_steps, num_cycles=o.lr_scheduler_num_cycles,
-        power=o.lr_scheduler_power, timescale=o.lr_scheduler_timescale, min_lr_ratio=o.lr_scheduler_min_lr_ratio,
-        scheduler_type=o.lr_scheduler_type, scheduler_args=dict(plan.scheduler_args), initial_lr=o.learning_rate,
-    )
+    groups = network.prepare_optimizer_params(list(n.text_encoder_lr) or None, n.unet_lr, cfg.optim.learning_rate)
+    spec = cfg.optim.optimizer_spec
+    optimizer, description = build_optimizer(spec.optimizer_type, groups.groups, learning_rate=spec.learning_rate,
+                                              optimizer_args=spec.args)
+    scheduler = scheduler_from_spec(cfg.optim.scheduler_spec, optimizer, num_training_steps=plan.schedule.max_train_steps)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision.mixed_precision == "fp16" else None
     return Trainable(network=network, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                      param_group_names=groups.names, trained_encoders=trained), description

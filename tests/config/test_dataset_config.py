@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fluxlora.config.dataset import (
-    DatasetDefaults,
+    DatasetFlags,
     blueprint_from_flags,
     load_dataset_config,
 )
@@ -59,9 +59,9 @@ def write(tmp_path: Path, text: str, name: str = "dataset.toml") -> Path:
     return path
 
 
-def problems_of(path: Path, defaults: DatasetDefaults | None = None) -> list[str]:
+def problems_of(path: Path, defaults: DatasetFlags | None = None) -> list[str]:
     with pytest.raises(DatasetError) as info:
-        load_dataset_config(path, defaults or DatasetDefaults())
+        load_dataset_config(path, defaults or DatasetFlags())
     assert str(path) in str(info.value)
     assert "\n" not in str(info.value)
     return info.value.problems  # type: ignore[attr-defined]
@@ -75,7 +75,7 @@ def img_dir(tmp_path: Path) -> Path:
 
 
 def test_guide_multi_resolution_toml(tmp_path: Path, img_dir: Path) -> None:
-    bp = load_dataset_config(write(tmp_path, GUIDE_TOML.format(d=img_dir.as_posix())), DatasetDefaults())
+    bp = load_dataset_config(write(tmp_path, GUIDE_TOML.format(d=img_dir.as_posix())), DatasetFlags())
     assert [d.batch_size for d in bp.datasets] == [2, 3, 4]
     assert [d.resolution for d in bp.datasets] == [(1024, 1024), (768, 768), (512, 512)]
     assert all(d.enable_bucket and d.is_dreambooth for d in bp.datasets)
@@ -108,7 +108,7 @@ keep_tokens = 2
     other = tmp_path / "reg"
     other.mkdir()
     text = text.replace(f"{img_dir.as_posix()}/../images/.", other.as_posix())
-    cli = DatasetDefaults(caption_extension="cap", train_batch_size=5, shuffle_caption=True, resolution=1024)
+    cli = DatasetFlags(caption_extension="cap", train_batch_size=5, shuffle_caption=True, resolution=1024)
     bp = load_dataset_config(write(tmp_path, text), cli)
     (d,) = bp.datasets
     a, b = d.subsets
@@ -134,7 +134,7 @@ interpolation_type = "Lanczos"
   resize_interpolation = "area"
 """
     (img_dir / "sub").mkdir()
-    (d,) = load_dataset_config(write(tmp_path, text), DatasetDefaults()).datasets
+    (d,) = load_dataset_config(write(tmp_path, text), DatasetFlags()).datasets
     assert d.resize_interpolation == "lanczos"
     assert [s.resize_interpolation for s in d.subsets] == ["lanczos", "area"]
 
@@ -152,7 +152,7 @@ resolution = 512
   [[datasets.subsets]]
   image_dir = "{img_dir.as_posix()}"
 """
-    (d,) = load_dataset_config(write(tmp_path, text), DatasetDefaults()).datasets
+    (d,) = load_dataset_config(write(tmp_path, text), DatasetFlags()).datasets
     assert d.validation_split == 1.0 and isinstance(d.validation_split, float)
     assert d.batch_size == 2 and isinstance(d.batch_size, int)
     (s,) = d.subsets
@@ -162,7 +162,7 @@ resolution = 512
 
 
 def test_json_config_equals_toml(tmp_path: Path, img_dir: Path) -> None:
-    toml_bp = load_dataset_config(write(tmp_path, GUIDE_TOML.format(d=img_dir.as_posix())), DatasetDefaults())
+    toml_bp = load_dataset_config(write(tmp_path, GUIDE_TOML.format(d=img_dir.as_posix())), DatasetFlags())
     data = {
         "general": {"flip_aug": True, "color_aug": False, "keep_tokens_separator": "|||", "shuffle_caption": False,
                     "caption_tag_dropout_rate": 0, "caption_extension": ".txt"},
@@ -170,7 +170,7 @@ def test_json_config_equals_toml(tmp_path: Path, img_dir: Path) -> None:
                       "subsets": [{"image_dir": str(img_dir), "num_repeats": 1}]}
                      for b, r in ((2, 1024), (3, 768), (4, 512))],
     }
-    json_bp = load_dataset_config(write(tmp_path, json.dumps(data), "dataset.json"), DatasetDefaults())
+    json_bp = load_dataset_config(write(tmp_path, json.dumps(data), "dataset.json"), DatasetFlags())
     assert json_bp.datasets == toml_bp.datasets
 
 
@@ -236,7 +236,7 @@ num_repeats = 0
 def test_malformed_toml_reports_line_and_column(tmp_path: Path) -> None:
     path = write(tmp_path, "[general]\nflip_aug = true\nbatch_size = = 2\n")
     with pytest.raises(DatasetError) as info:
-        load_dataset_config(path, DatasetDefaults())
+        load_dataset_config(path, DatasetFlags())
     msg = str(info.value)
     assert str(path) in msg and "line 3, column" in msg and "batch_size = = 2" in msg
     assert info.value.path == str(path)
@@ -245,18 +245,18 @@ def test_malformed_toml_reports_line_and_column(tmp_path: Path) -> None:
 def test_windows_path_gets_single_quote_hint(tmp_path: Path) -> None:
     path = write(tmp_path, '[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "C:\\Users\\me\\imgs"\n')
     with pytest.raises(DatasetError, match=r"line 3, column \d+.*single quotes"):
-        load_dataset_config(path, DatasetDefaults())
+        load_dataset_config(path, DatasetFlags())
 
 
 def test_malformed_json_and_bad_extension_and_encoding(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"dataset.json: line 2, column \d+"):
-        load_dataset_config(write(tmp_path, '{"general": {}\n,,}', "dataset.json"), DatasetDefaults())
+        load_dataset_config(write(tmp_path, '{"general": {}\n,,}', "dataset.json"), DatasetFlags())
     with pytest.raises(DatasetError, match=r"dataset.yaml.*use .toml or .json"):
-        load_dataset_config(write(tmp_path, "a: 1", "dataset.yaml"), DatasetDefaults())
+        load_dataset_config(write(tmp_path, "a: 1", "dataset.yaml"), DatasetFlags())
     bad = tmp_path / "cp1252.toml"
     bad.write_bytes(b"[general]\ncaption_prefix = \"it\x92s\"\n")
     with pytest.raises(DatasetError, match=r"cp1252.toml: not UTF-8 \(byte 0x92 at offset 30\)"):
-        load_dataset_config(bad, DatasetDefaults())
+        load_dataset_config(bad, DatasetFlags())
 
 
 def test_missing_image_dir_and_missing_folder(tmp_path: Path) -> None:
@@ -315,10 +315,10 @@ max_bucket_reso = 256
 def test_resolution_from_cli_and_missing_resolution(tmp_path: Path, img_dir: Path) -> None:
     text = f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{img_dir.as_posix()}"\n'
     path = write(tmp_path, text)
-    bp = load_dataset_config(path, DatasetDefaults(resolution="768,512"))
+    bp = load_dataset_config(path, DatasetFlags(resolution="768,512"))
     assert bp.datasets[0].resolution == (768, 512)
     assert any("pass --resolution" in p for p in problems_of(path))
-    probs = problems_of(path, DatasetDefaults(resolution="700"))
+    probs = problems_of(path, DatasetFlags(resolution="700"))
     assert any(p.startswith("--resolution: [700, 700] is not a multiple of 16") for p in probs)
 
 
@@ -357,7 +357,7 @@ batch_size = 1
 
 def test_network_multiplier_one_is_accepted(tmp_path: Path, img_dir: Path) -> None:
     text = f'[general]\nnetwork_multiplier = 1\n[[datasets]]\nresolution = 512\n  [[datasets.subsets]]\n  image_dir = "{img_dir.as_posix()}"\n'
-    assert len(load_dataset_config(write(tmp_path, text), DatasetDefaults()).datasets) == 1
+    assert len(load_dataset_config(write(tmp_path, text), DatasetFlags()).datasets) == 1
 
 
 def test_duplicate_image_dir_is_reported(tmp_path: Path, img_dir: Path) -> None:
@@ -377,7 +377,7 @@ def test_flags_dreambooth_folders(tmp_path: Path) -> None:
     train, reg = tmp_path / "train", tmp_path / "reg"
     for sub in (train / "10_sks dog", train / "3_cat_toy", train / "notes", reg / "1_dog"):
         sub.mkdir(parents=True)
-    bp = blueprint_from_flags(DatasetDefaults(
+    bp = blueprint_from_flags(DatasetFlags(
         train_data_dir=train, reg_data_dir=str(reg), resolution="512", enable_bucket=True, train_batch_size=2,
         caption_extension=".txt", prior_loss_weight=0.5, flip_aug=True,
     ))
@@ -396,16 +396,33 @@ def test_flags_dreambooth_folders(tmp_path: Path) -> None:
 def test_flags_finetuning_and_errors(tmp_path: Path) -> None:
     meta = tmp_path / "meta.json"
     meta.write_text("{}")
-    bp = blueprint_from_flags(DatasetDefaults(in_json=meta, train_data_dir=tmp_path, dataset_repeats=4,
+    bp = blueprint_from_flags(DatasetFlags(in_json=meta, train_data_dir=tmp_path, dataset_repeats=4,
                                               resolution=(512, 512)))
     (s,) = bp.datasets[0].subsets
     assert (s.metadata_file, s.image_dir, s.num_repeats, s.is_dreambooth) == (meta, tmp_path, 4, False)
 
     with pytest.raises(DatasetError, match="--train_data_dir: no dataset given"):
-        blueprint_from_flags(DatasetDefaults(resolution=512))
+        blueprint_from_flags(DatasetFlags(resolution=512))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DatasetError, match=r"--train_data_dir: .* has no sub-folder named <repeats>_<class tokens>"):
-        blueprint_from_flags(DatasetDefaults(train_data_dir=empty, resolution=512))
+        blueprint_from_flags(DatasetFlags(train_data_dir=empty, resolution=512))
     with pytest.raises(DatasetError, match="--reg_data_dir: cannot be combined with --in_json"):
-        blueprint_from_flags(DatasetDefaults(in_json=meta, reg_data_dir=empty, resolution=512))
+        blueprint_from_flags(DatasetFlags(in_json=meta, reg_data_dir=empty, resolution=512))
+
+
+@pytest.mark.parametrize(("sizes", "advice"), [
+    ("resolution = 32\nmin_bucket_reso = 32", ("bucket_reso_steps = 32", "at least 64")),
+    ("resolution = 512\nmin_bucket_reso = 32", ("bucket_reso_steps = 32", "min_bucket_reso = 64 or more")),
+])
+def test_bucket_steps_above_min_bucket_reso_is_one_error_naming_what_works(tmp_path, sizes, advice):
+    """sd-scripts floors min_bucket_reso to 0 here and divides by zero building the buckets (issue 14)."""
+    (tmp_path / "img").mkdir()
+    text = (f"[general]\nenable_bucket = true\n{sizes}\n[[datasets]]\n[[datasets.subsets]]\n"
+            f'image_dir = "{(tmp_path / "img").as_posix()}"\n')
+    (problem,) = problems_of(write(tmp_path, text))
+    assert problem.startswith("--bucket_reso_steps: 64 is larger than min_bucket_reso 32"), problem
+    for fragment in advice:
+        assert fragment in problem, (fragment, problem)
+    fixed = text.replace("enable_bucket = true", "enable_bucket = true\nbucket_reso_steps = 32")
+    assert load_dataset_config(write(tmp_path, fixed), DatasetFlags()).datasets[0].bucket_reso_steps == 32

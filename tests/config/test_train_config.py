@@ -4,43 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import pytest
 
 from fluxlora.config.args import build_parser, flag_actions
-from fluxlora.config.dataset import DatasetDefaults
+from fluxlora.config.dataset import load_dataset_config
 from fluxlora.config.train_config import (
     TrainConfig,
     check_caching_conflicts,
-    dataset_defaults_kwargs,
     describe_differences,
     parse_train_config,
 )
 from fluxlora.config.unsupported import UNSUPPORTED
 from fluxlora.errors import ConfigError
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, Path]:
-    """Real (empty) files for every path flag, so existence checks pass."""
-    paths = {name: tmp_path / f"{name}.safetensors" for name in ("flux", "clip_l", "t5xxl", "ae", "lora")}
-    paths["dataset"] = tmp_path / "my_flux_dataset_config.toml"
-    paths["prompts"] = tmp_path / "prompts.txt"
-    for path in paths.values():
-        path.write_bytes(b"x")
-    paths["out"] = tmp_path / "out"
-    paths["images"] = tmp_path / "images"
-    paths["images"].mkdir()
-    return paths
-
-
-@pytest.fixture
-def base(files) -> list[str]:
-    """The smallest valid command line."""
-    return ["--pretrained_model_name_or_path", str(files["flux"]), "--clip_l", str(files["clip_l"]),
-            "--t5xxl", str(files["t5xxl"]), "--ae", str(files["ae"]), "--dataset_config", str(files["dataset"]),
-            "--output_dir", str(files["out"])]
 
 
 def guide_command(files) -> list[str]:
@@ -111,10 +87,15 @@ def test_derived_values(base, files):
     assert parse_train_config(base).network.text_encoder_lr == ()
 
 
-def test_dataset_defaults_kwargs_build_the_dataset_defaults(base):
-    cfg = parse_train_config(base + ["--resolution", "768", "--shuffle_caption", "--validation_split", "0.1"])
-    defaults = DatasetDefaults(**dataset_defaults_kwargs(cfg))
-    assert defaults.resolution == (768, 768) and defaults.shuffle_caption and defaults.validation_split == 0.1
+def test_the_dataset_toml_resolves_against_the_dataset_flags(base, tmp_path):
+    cfg = parse_train_config(base + ["--resolution", "768", "--shuffle_caption", "--validation_split", "0.1",
+                                     "--train_batch_size", "3", "--caption_extension", "txt"])
+    (tmp_path / "img").mkdir()
+    toml = tmp_path / "d.toml"
+    toml.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{(tmp_path / "img").as_posix()}"\n')
+    (dataset,) = load_dataset_config(toml, cfg.dataset_flags).datasets
+    assert dataset.resolution == (768, 768) and dataset.batch_size == 3 and dataset.validation_split == 0.1
+    assert dataset.subsets[0].shuffle_caption and dataset.subsets[0].caption_extension == ".txt"
 
 
 def _active_argv(dest: str) -> list[str]:

@@ -136,8 +136,20 @@ def test_non_bucket_mode_cover_resizes(size, bucket, resized, crop):
     assert plan_resize(size, bucket, random_crop=False, rng=None).crop_ltrb[:2] == crop
 
 
-def test_table_is_large_enough():
-    assert len(PREDEFINED) + len(NO_UPSCALE) + len(SINGLE) >= 30
+@pytest.mark.parametrize("resolution", [(1024, 1024), (512, 512), (768, 512)])
+def test_bucket_choice_and_cover_resize_over_a_grid_of_sizes(resolution):
+    """Beyond the hand-made table: for every size of a grid, the bucket is the first (in sorted order) with the
+    smallest aspect error, computed here from the definition, and the resize covers it exactly on one side."""
+    buckets = make_buckets(resolution, 256, 1024, 64)
+    for width in range(40, 3000, 97):
+        for height in range(40, 3000, 131):
+            errors = [abs(bw / bh - width / height) for bw, bh in buckets]
+            expected = (width, height) if (width, height) in buckets else buckets[errors.index(min(errors))]
+            bucket, resized = assign_bucket((width, height), resolution=resolution, enable_bucket=True,
+                                            buckets=buckets)
+            assert bucket == expected, (width, height)
+            assert resized[0] >= bucket[0] and resized[1] >= bucket[1], (width, height, resized)
+            assert bucket[0] in (resized[0], resized[0] - 1) or bucket[1] in (resized[1], resized[1] - 1)
 
 
 def test_non_bucket_resolution_must_suit_flux():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest_datasets import write_folder, write_image, write_toml
 
-from fluxlora.config.dataset import DatasetDefaults, blueprint_from_flags, load_dataset_config
+from fluxlora.config.dataset import DatasetFlags, blueprint_from_flags, load_dataset_config
 from fluxlora.data.datasets import (
     build_training_data,
     rebalance_reg_repeats,
@@ -47,7 +47,7 @@ def test_guide_multi_resolution_counts_batches_and_buckets(tmp_path: Path) -> No
     write_folder(tmp_path / "img", sizes, captions=[f"photo {i}" for i in range(6)])
     datasets = "".join(GUIDE_DATASET.format(bs=bs, r=r, d=(tmp_path / "img").as_posix())
                        for bs, r in ((2, 1024), (3, 768), (4, 512)))
-    bp = load_dataset_config(write_toml(tmp_path, GUIDE_TOML.format(datasets=datasets)), DatasetDefaults())
+    bp = load_dataset_config(write_toml(tmp_path, GUIDE_TOML.format(datasets=datasets)), DatasetFlags())
     data = build_training_data(bp, seed=1)
     assert data.num_train_images == 18 and data.num_reg_images == 0 and data.num_validation_images == 0
     # Buckets worked by hand from spec §2.5 (step 64, limits 256..1024); e.g. 3:2 at 1024²: (1024, 704) has
@@ -97,7 +97,7 @@ batch_size = 4
   is_reg = true
   class_tokens = "dog"
 """
-    bp = load_dataset_config(write_toml(tmp_path, text), DatasetDefaults(prior_loss_weight=0.7))
+    bp = load_dataset_config(write_toml(tmp_path, text), DatasetFlags(prior_loss_weight=0.7))
     data = build_training_data(bp, seed=0)
     (d,) = data.datasets
     # train: 3 images x 10 = 30. reg: first pass 3+3+3+3 = 12, then +1 round-robin: 4 more rounds reach 28
@@ -151,7 +151,7 @@ enable_bucket = true
   metadata_file = "{meta_jsonl.as_posix()}"
   image_dir = "{img.as_posix()}"
 """
-    data = build_training_data(load_dataset_config(write_toml(tmp_path, text), DatasetDefaults()), seed=0)
+    data = build_training_data(load_dataset_config(write_toml(tmp_path, text), DatasetFlags()), seed=0)
     first, second = data.datasets
     assert not first.config.is_dreambooth
     got = {e.path: e.caption for e in first.entries}
@@ -167,13 +167,13 @@ def test_finetuning_missing_image_is_reported(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     text = f'[[datasets]]\nresolution = 512\n  [[datasets.subsets]]\n  metadata_file = "{meta.as_posix()}"\n  image_dir = "{(tmp_path / "img").as_posix()}"\n'
     with pytest.raises(DatasetError, match=r"meta.json: image 'ghost' not found"):
-        build_training_data(load_dataset_config(write_toml(tmp_path, text), DatasetDefaults()), seed=0)
+        build_training_data(load_dataset_config(write_toml(tmp_path, text), DatasetFlags()), seed=0)
 
 
 def test_flags_without_toml(tmp_path: Path) -> None:
     write_folder(tmp_path / "train" / "10_sks dog", [(512, 512), (512, 768)])
     write_folder(tmp_path / "reg" / "1_dog", [(512, 512)] * 5)
-    bp = blueprint_from_flags(DatasetDefaults(train_data_dir=tmp_path / "train", reg_data_dir=tmp_path / "reg",
+    bp = blueprint_from_flags(DatasetFlags(train_data_dir=tmp_path / "train", reg_data_dir=tmp_path / "reg",
                                               resolution=512, enable_bucket=True, train_batch_size=2))
     data = build_training_data(bp, seed=0)
     (d,) = data.datasets
@@ -200,14 +200,14 @@ resolution = 512
   [[datasets.subsets]]
   image_dir = "{(tmp_path / 'ok').as_posix()}"
 """
-    bp = load_dataset_config(write_toml(tmp_path, text), DatasetDefaults())
+    bp = load_dataset_config(write_toml(tmp_path, text), DatasetFlags())
     with pytest.raises(DatasetError) as info:
         build_training_data(bp, seed=0)
     msg = str(info.value)
     assert "2 dataset problem(s)" in msg and "datasets[0]: no training images found" in msg
     assert "broken.png" in msg and info.value.path == str(bp.source)
     only_ok = f'[general]\nresolution = 512\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{(tmp_path / "ok").as_posix()}"\n'
-    data = build_training_data(load_dataset_config(write_toml(tmp_path, only_ok), DatasetDefaults()),
+    data = build_training_data(load_dataset_config(write_toml(tmp_path, only_ok), DatasetFlags()),
                                seed=0, skip_bad_images=True)
     assert data.num_train_images == 1 and data.num_skipped_images == 1
 
@@ -256,7 +256,7 @@ validation_seed = 7
   metadata_file = "{meta.as_posix()}"
   image_dir = "{(tmp_path / 'ft').as_posix()}"
 """
-    bp = load_dataset_config(write_toml(tmp_path, text), DatasetDefaults())
+    bp = load_dataset_config(write_toml(tmp_path, text), DatasetFlags())
     data = build_training_data(bp, seed=5)
     assert data.num_validation_images == 2 + 1
     for train, val in zip(data.datasets, data.validation, strict=True):
@@ -275,7 +275,7 @@ validation_seed = 7
 def test_epoch_batches_pure_and_reshuffled(tmp_path: Path) -> None:
     sizes = [(512, 512)] * 7 + [(768, 512)] * 5 + [(512, 768)] * 3
     write_folder(tmp_path / "2_thing", sizes)
-    data = build_training_data(blueprint_from_flags(DatasetDefaults(
+    data = build_training_data(blueprint_from_flags(DatasetFlags(
         train_data_dir=tmp_path, resolution=512, enable_bucket=True, train_batch_size=3)), seed=0)
     e1 = data.epoch_batches(seed=42, epoch=1)
     assert e1 == data.epoch_batches(seed=42, epoch=1)
@@ -303,7 +303,7 @@ resolution = 512
   color_aug = true
   shuffle_caption = true
 """
-    data = build_training_data(load_dataset_config(write_toml(tmp_path, text), DatasetDefaults()), seed=0)
+    data = build_training_data(load_dataset_config(write_toml(tmp_path, text), DatasetFlags()), seed=0)
     assert data.cache_conflicts(cache_latents=False, cache_text_encoder_outputs=False) == []
     latents = data.cache_conflicts(cache_latents=True, cache_text_encoder_outputs=False)
     assert len(latents) == 1 and latents[0].startswith("datasets[0].subsets[0].color_aug:")

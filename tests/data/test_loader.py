@@ -11,7 +11,7 @@ import torch
 from conftest_datasets import write_folder, write_image, write_toml
 from PIL import Image
 
-from fluxlora.config.dataset import DatasetDefaults, load_dataset_config
+from fluxlora.config.dataset import DatasetFlags, load_dataset_config
 from fluxlora.data.datasets import TrainingData, build_training_data
 from fluxlora.data.loader import StepClock, collate_batch, make_dataloader, set_epoch
 
@@ -40,7 +40,7 @@ def small_data(tmp_path: Path, *, general: str = "", subset: str = "", bs: int =
     caps = captions or [f"tag{i}, red, blue, green, big" for i in range(n)]
     write_folder(tmp_path / "img", sizes, captions=caps, noise=True, alpha=alpha)
     text = SMALL.format(general=general, subset=subset, bs=bs, d=(tmp_path / "img").as_posix())
-    return build_training_data(load_dataset_config(write_toml(tmp_path, text), DatasetDefaults()), seed=0)
+    return build_training_data(load_dataset_config(write_toml(tmp_path, text), DatasetFlags()), seed=0)
 
 
 def collect(loader) -> list[dict]:
@@ -82,7 +82,7 @@ def test_batch_contents(tmp_path: Path) -> None:
     (img / "a.txt").write_text("a photo")
     text = SMALL.format(general="", bs=2, d=img.as_posix(),
                         subset="custom_attributes = { diff_output_preservation = true }\n  class_tokens = \"sks\"")
-    data = build_training_data(load_dataset_config(write_toml(tmp_path, text), DatasetDefaults()), seed=0)
+    data = build_training_data(load_dataset_config(write_toml(tmp_path, text), DatasetFlags()), seed=0)
     (batch,) = collect(make_dataloader(data, 1, seed=0))
     assert batch["bucket"] == (64, 64) and batch["images"].shape == (2, 3, 64, 64)
     assert batch["images"].dtype == torch.float32 and batch["alpha_masks"] is None
@@ -117,7 +117,7 @@ batch_size = 2
   image_dir = "{reg.as_posix()}"
   is_reg = true
 """
-    data = build_training_data(load_dataset_config(write_toml(tmp_path, text), DatasetDefaults(prior_loss_weight=0.25)),
+    data = build_training_data(load_dataset_config(write_toml(tmp_path, text), DatasetFlags(prior_loss_weight=0.25)),
                                seed=0)
     (batch,) = collect(make_dataloader(data, 1, seed=0))
     i = batch["image_paths"].index(str(p.resolve()))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from ddp_launch import write_dataset
 
-from fluxlora.config.dataset import DatasetDefaults, load_dataset_config
+from fluxlora.config.dataset import DatasetFlags, load_dataset_config
 from fluxlora.data.datasets import build_training_data
 from fluxlora.data.loader import make_dataloader
 from fluxlora.training.processes import Processes
@@ -58,7 +58,7 @@ def _validation_data(tmp_path: Path):
     toml.write_text(f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 1\n'
                     f'validation_split = 0.5\nvalidation_seed = 3\n  [[datasets.subsets]]\n'
                     f'  image_dir = "{folder.as_posix()}"\n', encoding="utf-8")
-    return build_training_data(load_dataset_config(toml, DatasetDefaults()), seed=0)
+    return build_training_data(load_dataset_config(toml, DatasetFlags()), seed=0)
 
 
 def test_validation_is_sharded_without_padding_and_sums_to_the_single_process_mean(tmp_path: Path) -> None:

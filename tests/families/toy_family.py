@@ -30,6 +30,7 @@ from fluxlora.families.base import (
 )
 from fluxlora.families.flux1.shape import flux_shape
 from fluxlora.models.checkpoints import ModelKind, SafetensorsHeader
+from fluxlora.network.metadata import ArchitectureStrings
 
 
 class ToyText(TextEncoders):
@@ -119,9 +120,8 @@ class Toy(ModelFamily):
     def default_sample_steps(self, info: ModelInfo) -> int:
         return 3
 
-    def lora_metadata(self, info: ModelInfo) -> dict[str, str]:
-        return {"modelspec.architecture": "toy/lora", "modelspec.implementation": "tests/families/toy_family.py",
-                "ss_base_model_version": "toy"}
+    def architecture(self, info: ModelInfo) -> ArchitectureStrings:
+        return ArchitectureStrings("toy", "tests/families/toy_family.py", "toy")
 
     def shape(self, info: ModelInfo) -> ModelShape:
         return flux_shape(info.params)

@@ -16,9 +16,9 @@ from fluxlora.families.flux1.family import FLUX1
 from fluxlora.files import save_safetensors
 from fluxlora.inference.generate import (
     Generator,
-    build_parser,
     interactive_loop,
     main,
+    parse_generate_args,
     parse_interactive_line,
     parse_lora_spec,
 )
@@ -40,7 +40,7 @@ def _flags(ckpts, *extra: str, variant: str = "dev") -> list[str]:
 
 
 def _generator(ckpts, *extra: str, variant: str = "dev") -> Generator:
-    return Generator(build_parser().parse_args(_flags(ckpts, *extra, variant=variant)))
+    return Generator(parse_generate_args(_flags(ckpts, *extra, variant=variant)))
 
 
 def _float_image(gen: Generator, prompt: SamplePrompt) -> torch.Tensor:

@@ -8,8 +8,8 @@ import pytest
 from lycoris.functional.general import factorization as lycoris_factorization
 from network_helpers import small_flux, tiny_clip, tiny_t5
 
+from fluxlora.config.network_args import parse_network_args
 from fluxlora.errors import ConfigError
-from fluxlora.network.args import parse_network_args
 from fluxlora.network.lokr import factorization, lokr_layout
 from fluxlora.network.lora import create_network
 

@@ -7,6 +7,7 @@ model leaves `linear1` out (a `network_reg_dims` rank of 0) and one slow test ch
 
 from __future__ import annotations
 
+import peft  # noqa: F401  # diffusers' LoRA loading needs its PEFT backend (a test dependency: missing = failure)
 import pytest
 import torch
 from network_helpers import SMALL, flux_inputs, randomize_lora_, small_flux, tiny_clip
@@ -15,8 +16,6 @@ from fluxlora.models.diffusers_keys import bfl_to_diffusers
 from fluxlora.models.flux import Flux, FluxParams
 from fluxlora.network.lora import create_network
 from fluxlora.network.saving import read_lora
-
-pytest.importorskip("peft")  # diffusers' LoRA loading needs its PEFT backend (a test dependency)
 
 NO_LINEAR1 = r"network_reg_dims=single_blocks_\d+_linear1=0"
 

@@ -115,6 +115,10 @@ CASES: list[tuple[str, Callable[[Case], list[str]], type, tuple[str, ...]]] = [
     ("resolution-not-16", lambda c: c.toml(
         f'[[datasets]]\nresolution = 72\n[[datasets.subsets]]\nimage_dir = "{c.images().as_posix()}"\n'),
      DatasetError, ("resolution", "16")),
+    ("resolution-below-bucket-steps", lambda c: c.toml(
+        f'[[datasets]]\nresolution = 32\nenable_bucket = true\nmin_bucket_reso = 32\n[[datasets.subsets]]\n'
+        f'image_dir = "{c.images().as_posix()}"\n'), DatasetError,
+     ("bucket_reso_steps", "min_bucket_reso 32", "bucket_reso_steps = 32")),
     ("missing-checkpoint", lambda c: c.swap("--ae", c.tmp / "ae-missing.safetensors"), ConfigError,
      ("--ae", "ae-missing.safetensors", "does not exist")),
     ("pickle-checkpoint", lambda c: c.swap("--pretrained_model_name_or_path", _pickle_file(c)), CheckpointError,
@@ -147,6 +151,17 @@ CASES: list[tuple[str, Callable[[Case], list[str]], type, tuple[str, ...]]] = [
     ("unknown-optimizer", lambda c: c.argv("--optimizer_type=AdamWW"), ConfigError, ("AdamWW",)),
     ("optimizer-args-the-class-refuses", lambda c: c.argv("--optimizer_args", "betass=(0.9,0.99)"), ConfigError,
      ("--optimizer_args", "betass", "AdamW")),
+    ("unknown-lr-scheduler", lambda c: c.argv("--lr_scheduler=cosin"), ConfigError, ("--lr_scheduler", "cosin")),
+    ("warmup-longer-than-the-run", lambda c: c.argv("--lr_scheduler=cosine", "--lr_warmup_steps=10"), ConfigError,
+     ("--lr_warmup_steps", "10", "2 training steps")),
+    ("warmup-longer-than-the-epochs", lambda c: c.argv_for("--max_train_epochs=1", "--lr_scheduler=linear",
+                                                         "--lr_warmup_steps=100", out=c.out), ConfigError,
+     ("--lr_warmup_steps", "100")),
+    ("min-lr-ratio-missing", lambda c: c.argv("--lr_scheduler=cosine_with_min_lr"), ConfigError,
+     ("--lr_scheduler_min_lr_ratio",)),
+    ("scheduler-args-the-schedule-refuses", lambda c: c.argv("--lr_scheduler=cosine", "--lr_scheduler_args",
+                                                             "gamma=0.5"), ConfigError,
+     ("--lr_scheduler_args", "gamma")),
     ("config-file-unknown-key", lambda c: (lambda p: (p.write_text("learning_rat = 1e-4\n"), c.argv(
         f"--config_file={p}"))[1])(c.tmp / "args.toml"), ConfigError, ("learning_rat", "args.toml")),
 ]

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from reliability_data import write_dataset
 
-from fluxlora.config.dataset import DatasetDefaults, load_dataset_config
+from fluxlora.config.dataset import DatasetFlags, load_dataset_config
 from fluxlora.data.datasets import build_training_data
 from fluxlora.errors import CheckpointError, FluxLoraError
 from fluxlora.files import save_safetensors
@@ -97,7 +97,7 @@ def _load_dataset(text: str) -> None:
     path = SCRATCH / "fuzz.toml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     try:
-        blueprint = load_dataset_config(path, DatasetDefaults(resolution=64, caption_extension=".txt"))
+        blueprint = load_dataset_config(path, DatasetFlags(resolution=64, caption_extension=".txt"))
         build_training_data(blueprint, seed=0)
     except FluxLoraError as err:  # anything else escaping is the failure hypothesis looks for
         assert str(err) and "\n" not in str(err).strip("\n")

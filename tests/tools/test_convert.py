@@ -104,3 +104,22 @@ def test_root_shim_runs_as_a_script(kohya_file, tmp_path):
            "--src_path", str(path), "--dst_path", str(out)]
     assert subprocess.run(cmd, cwd=REPO, capture_output=True, text=True).returncode == 0
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in load_file(str(out))
+
+
+@pytest.mark.parametrize(("fmt", "says"), [
+    ("sd-scripts", ("ComfyUI", "Forge", "diffusers")),
+    ("diffusers", ("FluxPipeline.load_lora_weights", "--dst sd-scripts", "ComfyUI")),
+    ("ai-toolkit", ("ai-toolkit", "--dst sd-scripts", "ComfyUI")),
+    ("peft", ("load_lora_adapter", "--dst sd-scripts", "ComfyUI")),
+])
+def test_output_names_the_consumers_of_the_layout_written(kohya_file, tmp_path, capsys, fmt, says):
+    """Who reads the file is printed with it; every layout ComfyUI cannot read in full points to the kohya one."""
+    path, _ = kohya_file
+    out = tmp_path / f"{fmt}.safetensors"
+    assert main(["--src", "sd-scripts", "--dst", fmt, "--src_path", str(path), "--dst_path", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed
+    for fragment in says:
+        assert fragment in printed, (fragment, printed)
+    if fmt == "sd-scripts":
+        assert "--dst sd-scripts" not in printed  # nothing to recommend: it is the layout ComfyUI/Forge read

@@ -19,12 +19,14 @@ def test_every_problem_is_reported_at_once(train_argv, tiny_ckpts, tmp_path):
     argv = _replace(train_argv(), "--clip_l", str(tiny_ckpts.ae))  # the AE given as CLIP-L
     (tmp_path / "file").write_text("x")
     argv = _replace(argv, "--output_dir", str(tmp_path / "file" / "out"))  # under a file
-    argv += ["--lr_scheduler=cosine_forever", "--network_args", "train_blocks=nonsense"]
+    argv += ["--lr_scheduler=cosine_forever"]
+    (tmp_path / "bad.toml").write_text('[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "nowhere"\n')
+    argv = _replace(argv, "--dataset_config", str(tmp_path / "bad.toml"))
     with pytest.raises(FluxLoraError) as info:
         build_plan(parse_train_config(argv))
     message = str(info.value)
     assert message.startswith("4 problems: (1) ") and "\n" not in message
-    for fragment in ("--clip_l", "train_blocks", "--output_dir", "--lr_scheduler 'cosine_forever' is unknown"):
+    for fragment in ("--clip_l", "nowhere", "--output_dir", "--lr_scheduler 'cosine_forever' is unknown"):
         assert fragment in message, (fragment, message)
     assert info.value.key == "--clip_l"  # the first problem names the flag to fix first
 

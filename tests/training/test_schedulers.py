@@ -239,3 +239,18 @@ def test_schedule_free_optimizers_take_only_constant():
     assert _curve(sched, opt, 3) == [BASE_LR] * 3
     with pytest.raises(ConfigError, match="schedule-free.*warmup_steps"):
         build_scheduler("cosine", _opt("AdamWScheduleFree"), num_training_steps=T)
+
+
+def test_check_scheduler_builds_over_a_dummy_parameter():
+    from fluxlora.config.optim_specs import OptimizerSpec, SchedulerSpec
+    from fluxlora.training.schedulers import check_scheduler
+
+    adamw = OptimizerSpec("AdamW", 1e-3)
+    check_scheduler(SchedulerSpec("cosine", lr_warmup_steps=0.5), adamw, num_training_steps=10)  # fine
+    with pytest.raises(ConfigError, match="--lr_warmup_steps 11 exceeds the 10"):
+        check_scheduler(SchedulerSpec("cosine", lr_warmup_steps=11), adamw, num_training_steps=10)
+    with pytest.raises(ConfigError, match="schedule-free"):  # the optimizer decides what a schedule may be
+        check_scheduler(SchedulerSpec("cosine"), OptimizerSpec("AdamWScheduleFree", 1e-3), num_training_steps=10)
+    with pytest.raises(ConfigError, match="adafactor takes no warmup"):  # relative_step: the adafactor schedule
+        check_scheduler(SchedulerSpec("cosine", lr_warmup_steps=2), OptimizerSpec("Adafactor", 1e-3),
+                        num_training_steps=10)

@@ -29,10 +29,10 @@ from fluxlora.families.base import (
 )
 from fluxlora.families.flux1.shape import ae_encode_bytes, flux_shape, t5_encode_bytes
 from fluxlora.models.checkpoints import ModelKind, SafetensorsHeader, detect_kind, strip_prefix
+from fluxlora.network.metadata import ArchitectureStrings
 
 T5_LENGTH = {"dev": 512, "schnell": 256}
 SAMPLE_STEPS = {"dev": 50, "schnell": 4}
-ARCHITECTURE = {"dev": "flux-1-dev/lora", "schnell": "flux-1-schnell/lora"}
 IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
 
 
@@ -178,9 +178,8 @@ class Flux1(ModelFamily):
         return SAMPLE_STEPS[info.variant]
 
     # ---- files written -------------------------------------------------------------------------------------------
-    def lora_metadata(self, info: ModelInfo) -> dict[str, str]:
-        return {"modelspec.architecture": ARCHITECTURE[info.variant], "modelspec.implementation": IMPLEMENTATION,
-                "ss_base_model_version": "flux1"}
+    def architecture(self, info: ModelInfo) -> ArchitectureStrings:
+        return ArchitectureStrings(f"flux-1-{info.variant}", IMPLEMENTATION, "flux1")
 
     # ---- memory --------------------------------------------------------------------------------------------------
     def shape(self, info: ModelInfo) -> ModelShape:

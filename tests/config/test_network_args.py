@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from fluxlora.config.network_args import VALID_KEYS, last_match, parse_network_args
 from fluxlora.errors import ConfigError
-from fluxlora.network.args import VALID_KEYS, last_match, parse_network_args
 
 # (entry, attribute, expected value) — expected values written by hand from the spec / guide.
 GOOD = [
