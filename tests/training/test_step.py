@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from fluxlora.families.flux1.family import FLUX1
 from fluxlora.training import step as step_module
-from fluxlora.training.step import Conditioning, training_loss
+from fluxlora.training.step import training_loss
 
 BASE = step_module.FlowSettings(
     t5xxl_max_token_length=None, apply_t5_attn_mask=False, guidance_scale=1.0, timestep_sampling="sigmoid",
@@ -35,7 +36,8 @@ def _case():
     x0 = torch.randn(2, 16, 4, 6, generator=g, dtype=torch.float64)
     noise = torch.randn(2, 16, 4, 6, generator=g, dtype=torch.float64)
     sigmas = torch.tensor([0.25, 0.8], dtype=torch.float64)
-    cond = Conditioning(torch.zeros(2, 768), torch.zeros(2, 3, 4096), torch.ones(2, 3, dtype=torch.bool))
+    cond = {"clip_pooled": torch.zeros(2, 768), "t5_out": torch.zeros(2, 3, 4096),
+            "t5_mask": torch.ones(2, 3, dtype=torch.bool)}
     return x0, noise, sigmas, cond
 
 
@@ -81,7 +83,7 @@ def _by_hand(x0, noise, sigmas, a, *, prediction, loss_type, c=None, weighting="
 def test_training_loss_equals_the_hand_computed_value(changes, hand):
     x0, noise, sigmas, cond = _case()
     settings = dataclasses.replace(BASE, **changes)
-    out = training_loss(Stub(0.7), x0, cond, settings, generator=torch.Generator(), guidance=False,
+    out = training_loss(FLUX1, Stub(0.7), x0, cond, settings, generator=torch.Generator(), guidance=None,
                         compute_dtype=torch.float64, loss_weights=torch.tensor([1.0, 0.5]), sigmas=sigmas.float(),
                         noise=noise)
     loss, per_sample = _by_hand(x0, noise, sigmas.float().double(), 0.7, weights=(1.0, 0.5), **hand)
@@ -94,7 +96,7 @@ def test_masked_loss_is_the_mean_over_the_mask_and_gradients_flow():
     alpha = torch.zeros(2, 1, 32, 48)
     alpha[:, :, :, :24] = 1.0  # left half of the pixels -> left 3 of 6 latent columns
     flux = Stub(-0.4)
-    out = training_loss(flux, x0, cond, BASE, generator=torch.Generator(), guidance=False,
+    out = training_loss(FLUX1, flux, x0, cond, BASE, generator=torch.Generator(), guidance=None,
                         compute_dtype=torch.float64, alpha_masks=alpha, sigmas=sigmas.float(), noise=noise)
     latent_mask = torch.zeros(2, 1, 4, 6, dtype=torch.float64)
     latent_mask[..., :3] = 1.0
