@@ -43,7 +43,6 @@ from fluxlora.models.tokenizers import (  # noqa: F401 - re-exported: one import
     FluxTokenizers,
     TokenizedPrompts,
     load_tokenizers,
-    t5_max_length_for,
 )
 
 if TYPE_CHECKING:  # transformers is imported lazily: it costs seconds, and preflight checks never need it

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,22 +27,17 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CLIP_NAME = "openai/clip-vit-large-patch14"
 T5_NAME = "google/t5-v1_1-xxl"
 CLIP_MAX_LENGTH = 77
-T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
 # Vocabulary sizes (with added special tokens) of the real tokenizers. transformers 5 silently builds a 2-token
 # tokenizer from an empty folder, so the size is checked after every load.
 VOCAB_SIZES = {CLIP_NAME: 49408, T5_NAME: 32100}
 
 
-def t5_max_length_for(variant: Literal["dev", "schnell"], override: int | None = None) -> int:
-    """T5 token length: `--t5xxl_max_token_length` if given, else 512 for dev and 256 for schnell."""
-    if override is not None:
-        if isinstance(override, bool) or not isinstance(override, int) or override < 1:
-            raise ConfigError(f"--t5xxl_max_token_length {override!r}: must be a positive integer (e.g. 256 or 512)",
-                              key="--t5xxl_max_token_length")
-        return override
-    if variant not in T5_MAX_LENGTH:
-        raise ConfigError(f"unknown FLUX variant {variant!r}: expected 'dev' or 'schnell'", key="variant")
-    return T5_MAX_LENGTH[variant]
+def check_max_length(value: int) -> int:
+    """A `--t5xxl_max_token_length` value: a positive integer (the family picks the default)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"--t5xxl_max_token_length {value!r}: must be a positive integer (e.g. 256 or 512)",
+                          key="--t5xxl_max_token_length")
+    return value
 
 
 @dataclass(frozen=True)

@@ -39,21 +39,14 @@ class ArchitectureStrings:
     def lora_architecture(self) -> str:
         return f"{self.architecture}/lora"
 
-
-_BFL = "https://github.com/black-forest-labs/flux"
-# FLUX.1's strings by variant, until the model-family interface supplies them (then they move to the family).
-FLUX1_ARCHITECTURES: dict[str, ArchitectureStrings] = {
-    "dev": ArchitectureStrings("flux-1-dev", _BFL, "flux1"),
-    "schnell": ArchitectureStrings("flux-1-schnell", _BFL, "flux1"),
-    "chroma": ArchitectureStrings("chroma", "https://huggingface.co/lodestones/Chroma", "chroma"),
-}
-
-
-def flux1_architecture(variant: str) -> ArchitectureStrings:
-    """The architecture strings of a FLUX.1 variant ("dev", "schnell"); ValueError for another name."""
-    if variant not in FLUX1_ARCHITECTURES:
-        raise ValueError(f"model variant must be one of {sorted(FLUX1_ARCHITECTURES)}, got {variant!r}")
-    return FLUX1_ARCHITECTURES[variant]
+    @classmethod
+    def of_lora(cls, metadata: Mapping[str, str]) -> ArchitectureStrings | None:
+        """The strings a LoRA file carries (None when it names no architecture: files of other tools)."""
+        architecture = metadata.get("modelspec.architecture", "")
+        if not architecture:
+            return None
+        return cls(architecture.removesuffix("/lora"), metadata.get("modelspec.implementation", ""),
+                   metadata.get("ss_base_model_version", ""))
 
 
 NETWORK_MODULE = "networks.lora_flux"

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from fluxlora.errors import CheckpointError, ConfigError
+from fluxlora.families import resolve_family
 from fluxlora.models.checkpoints import ModelKind, read_header, require_kind, strip_prefix
 from fluxlora.network.formats import LoraModule, kohya_name, write_kohya
-from fluxlora.network.metadata import build_metadata, flux1_architecture
+from fluxlora.network.metadata import build_metadata
 from fluxlora.network.saving import save_lora
 from fluxlora.tools.merge import parse_precision
 
@@ -116,10 +117,10 @@ def extract(args: ExtractOptions) -> None:
     tensors = write_kohya(modules, save_dtype)
     ranks = {m.rank for m in modules.values()}
     rank = str(ranks.pop()) if len(ranks) == 1 else None
-    schnell = "guidance_in.in_layer.weight" not in tuned_keys
+    family, model = resolve_family(tuned.path, None, flag="--model_tuned")
     info = {"network_dim": rank or "Dynamic", "network_alpha": str(float(rank)) if rank else "Dynamic",
             "network_args": {}, "metadata_title": args.save_to.stem}
-    metadata = build_metadata(info, flux1_architecture("schnell" if schnell else "dev"),
+    metadata = build_metadata(info, family.architecture(model),
                               detail="bare" if args.no_metadata else "minimal")
     save_lora(args.save_to, tensors, metadata)  # adds sshs_model_hash / sshs_legacy_hash
     logger.info("extracted %d module(s) at rank %s -> %s", len(modules), rank or "varying", args.save_to)

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from fluxlora.errors import CheckpointError, ConfigError, FluxLoraError
+from fluxlora.families import resolve_family
 from fluxlora.files import atomic_write
 from fluxlora.models.checkpoints import (
     DTYPES,
@@ -64,7 +65,7 @@ from fluxlora.network.formats import (
     to_kohya,
     write_kohya,
 )
-from fluxlora.network.metadata import ArchitectureStrings, build_metadata, flux1_architecture, model_metadata
+from fluxlora.network.metadata import ArchitectureStrings, build_metadata, model_metadata
 from fluxlora.network.saving import save_lora
 
 logger = logging.getLogger(__name__)
@@ -118,9 +119,14 @@ def parse_precision(value: str | None, flag: str, *, allow_fp8: bool = True) -> 
 
 
 def architecture_of_loras(metadatas: list[Mapping[str, str]]) -> ArchitectureStrings:
-    """The base model the merged LoRAs share: FLUX.1-schnell when every input says so, else FLUX.1-dev."""
-    archs = {meta.get("modelspec.architecture") for meta in metadatas}
-    return flux1_architecture("schnell" if archs == {"flux-1-schnell/lora"} else "dev")
+    """The base model the merged LoRAs share, as their files name it; FLUX.1-dev (sd-scripts' assumption) when they
+    name none or disagree."""
+    found = {ArchitectureStrings.of_lora(meta) for meta in metadatas} - {None}
+    if len(found) == 1:
+        return found.pop()
+    from fluxlora.families.flux1.family import FLUX1
+
+    return FLUX1.architecture_of_variant("dev")
 
 
 @dataclass
@@ -246,14 +252,17 @@ def merge_into_models(args: MergeOptions) -> None:
         logger.warning("%s; skipped (--ignore_unmatched)", message)
 
     merged_from = ", ".join(_title(p, meta) for p, _, _, meta in loras)
+    architecture = architecture_of_loras([meta for *_, meta in loras])
+    if "lora_unet" in bases:  # the transformer's family names the merged model
+        header, _, flag, _ = bases["lora_unet"]
+        family, info = resolve_family(header.path, None, flag=flag)
+        architecture = family.architecture(info)
     for prefix, (header, _, _flag, save_flag) in bases.items():
         tensors = _merge_file(header, plan[prefix], merge_dtype or torch.float32, save_dtype, args.working_device,
                               args.loading_device)
         metadata: dict[str, str] = {}
         if not args.no_metadata:
-            stripped = strip_prefix(header.tensors)
-            schnell = "guidance_in.in_layer.weight" not in stripped.values()
-            metadata = model_metadata(flux1_architecture("schnell" if schnell else "dev"), title="Merged model",
+            metadata = model_metadata(architecture, title="Merged model",
                                       merged_from=merged_from, with_modelspec=prefix == "lora_unet")
         out = Path(getattr(args, save_flag[2:]))
         save_streaming(out, tensors, metadata)

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from fluxlora.families.base import ModelInfo
-from fluxlora.families.flux1.family import FLUX1
+from fluxlora.families.flux1.family import FLUX1, T5_LENGTH
 from fluxlora.models.autoencoder import AutoEncoder, load_ae
 from fluxlora.models.flux import Flux
 from fluxlora.models.flux_loading import load_flux
 from fluxlora.models.text_encoders import encode_prompts, load_clip_l, load_t5xxl
-from fluxlora.models.tokenizers import FluxTokenizers, load_tokenizers, t5_max_length_for
+from fluxlora.models.tokenizers import FluxTokenizers, load_tokenizers
 
 
 @dataclass
@@ -27,7 +27,7 @@ class TinyModels:
     info: dict[str, ModelInfo]  # "dev" / "schnell", as the FLUX.1 family inspects the files
 
     def encode_fn(self, variant: str, *, apply_t5_attn_mask: bool = False, t5_max_length: int | None = None):
-        length = t5_max_length or t5_max_length_for(variant)
+        length = t5_max_length or T5_LENGTH[variant]
 
         def encode(texts: list[str]) -> dict[str, torch.Tensor]:
             tokens = self.tokenizers.tokenize(list(texts), length)

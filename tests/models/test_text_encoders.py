@@ -24,7 +24,6 @@ from fluxlora.models.text_encoders import (
     load_clip_l,
     load_t5xxl,
     load_tokenizers,
-    t5_max_length_for,
     t5xxl_config,
     t5xxl_config_from_shapes,
     t5xxl_file_state_dict,
@@ -115,15 +114,6 @@ def test_bad_tokenizer_folder_is_a_config_error(tmp_path):
     (broken / "t5xxl").write_text("not a folder")
     with pytest.raises(ConfigError, match=r"--tokenizer_cache_dir .*t5xxl.*is a file"):
         load_tokenizers(tmp_path / "cache" / "t5xxl")
-
-
-def test_t5_max_length():
-    assert t5_max_length_for("dev", None) == 512
-    assert t5_max_length_for("schnell", None) == 256
-    assert t5_max_length_for("schnell", 512) == 512 and t5_max_length_for("dev", 77) == 77
-    for bad in (0, -5, True):
-        with pytest.raises(ConfigError, match="--t5xxl_max_token_length"):
-            t5_max_length_for("dev", bad)
 
 
 # ---------------------------------------------------------------- configs and layouts

@@ -7,9 +7,10 @@ from datetime import datetime
 
 import pytest
 
-from fluxlora.network.metadata import ArchitectureStrings, build_metadata, flux1_architecture, model_metadata
+from fluxlora.families.flux1.family import FLUX1
+from fluxlora.network.metadata import ArchitectureStrings, build_metadata, model_metadata
 
-DEV = flux1_architecture("dev")
+DEV = FLUX1.architecture_of_variant("dev")
 
 SPEC_SS_KEYS = """ss_session_id ss_training_started_at ss_training_finished_at ss_output_name ss_learning_rate
 ss_text_encoder_lr ss_unet_lr ss_num_train_images ss_num_validation_images ss_num_reg_images ss_num_batches_per_epoch
@@ -60,7 +61,7 @@ def test_build_metadata_has_every_spec_key_as_strings() -> None:
 def test_schnell_title_and_no_metadata_minimal_set() -> None:
     now = datetime(2025, 1, 2, 3, 4, 5)
     info = {**INFO, "metadata_title": "Title", "network_dim": 8, "network_alpha": 0}
-    meta = build_metadata(info, flux1_architecture("schnell"), detail="minimal", now=now)
+    meta = build_metadata(info, FLUX1.architecture_of_variant("schnell"), detail="minimal", now=now)
     assert {k for k in meta if k.startswith("ss_")} == {"ss_v2", "ss_base_model_version", "ss_network_module",
                                                        "ss_network_dim", "ss_network_alpha", "ss_network_args"}
     assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "8.0"  # alpha 0 means rank
@@ -96,4 +97,4 @@ def test_tool_metadata_levels() -> None:
 
 def test_unknown_variant_is_refused() -> None:
     with pytest.raises(ValueError, match="dev"):
-        flux1_architecture("flux-2")
+        FLUX1.architecture_of_variant("flux-2")

@@ -100,9 +100,10 @@ class Flux1(ModelFamily):
                          size_bytes=info.size_bytes)
 
     def text_length(self, info: ModelInfo, override: int | None) -> int:
-        from fluxlora.models.tokenizers import t5_max_length_for
+        """T5 tokens: `--t5xxl_max_token_length` if given, else 512 for dev and 256 for schnell."""
+        from fluxlora.models.tokenizers import check_max_length
 
-        return t5_max_length_for(info.variant, override)
+        return T5_LENGTH[info.variant] if override is None else check_max_length(override)
 
     def check_lora(self, info: ModelInfo, metadata: Mapping[str, str]) -> str | None:
         architecture = metadata.get("modelspec.architecture", "")
@@ -179,7 +180,14 @@ class Flux1(ModelFamily):
 
     # ---- files written -------------------------------------------------------------------------------------------
     def architecture(self, info: ModelInfo) -> ArchitectureStrings:
-        return ArchitectureStrings(f"flux-1-{info.variant}", IMPLEMENTATION, "flux1")
+        return self.architecture_of_variant(info.variant)
+
+    @staticmethod
+    def architecture_of_variant(variant: str) -> ArchitectureStrings:
+        """FLUX.1-dev / -schnell as files name them (`flux-1-dev`, ss_base_model_version `flux1`)."""
+        if variant not in T5_LENGTH:
+            raise ValueError(f"FLUX.1 variant must be one of {sorted(T5_LENGTH)}, got {variant!r}")
+        return ArchitectureStrings(f"flux-1-{variant}", IMPLEMENTATION, "flux1")
 
     # ---- memory --------------------------------------------------------------------------------------------------
     def shape(self, info: ModelInfo) -> ModelShape:
