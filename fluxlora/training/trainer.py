@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -23,14 +22,12 @@ from torch import Tensor
 from fluxlora.data.loader import make_dataloader, set_epoch
 from fluxlora.errors import TrainingError
 from fluxlora.training.control import RunControl
+from fluxlora.training.evaluation import sample_images, validation_loss_of
 from fluxlora.training.logs import LossRecorder, plot_losses
-from fluxlora.training.metadata import lora_metadata
-from fluxlora.training.optim import eval_mode
 from fluxlora.training.outputs import epoch_to_remove, should_save_epoch, should_save_step, step_to_remove
+from fluxlora.training.saving import remove_dir, remove_file, save_lora, save_training_state
 from fluxlora.training.setup import Run
-from fluxlora.training.state import save_state
-from fluxlora.training.step import train_step, training_loss
-from fluxlora.training.validation import validation_loss
+from fluxlora.training.step import train_step
 
 logger = logging.getLogger(__name__)
 
@@ -206,11 +203,11 @@ class Trainer:
             self._save_checkpoint(names.step_file(step), names.step_state(step))
             old = step_to_remove(step, saving.save_every_n_steps, saving.save_last_n_steps)
             if old is not None:
-                self._remove_file(names.step_file(old))
+                remove_file(self.run, names.step_file(old))
             old_state = step_to_remove(step, saving.save_every_n_steps,
                                        saving.save_last_n_steps_state or saving.save_last_n_steps)
             if old_state is not None:
-                self._remove_dir(names.step_state(old_state))
+                remove_dir(self.run, names.step_state(old_state))
         if cfg.sampling.sample_every_n_steps and not cfg.sampling.sample_every_n_epochs \
                 and step % cfg.sampling.sample_every_n_steps == 0:
             self.sample(epoch=None, step=step)
@@ -229,116 +226,35 @@ class Trainer:
             c.epoch, c.batch_in_epoch = epoch, per_epoch
             old = epoch_to_remove(epoch, schedule.save_every_n_epochs, cfg.saving.save_last_n_epochs)
             if old is not None:
-                self._remove_file(names.epoch_file(old))
+                remove_file(self.run, names.epoch_file(old))
             old_state = epoch_to_remove(epoch, schedule.save_every_n_epochs,
                                         cfg.saving.save_last_n_epochs_state or cfg.saving.save_last_n_epochs)
             if old_state is not None:
-                self._remove_dir(names.epoch_state(old_state))
+                remove_dir(self.run, names.epoch_state(old_state))
         if cfg.sampling.sample_every_n_epochs and epoch % cfg.sampling.sample_every_n_epochs == 0:
             self.sample(epoch=epoch, step=c.global_step)
         every = cfg.validation.validate_every_n_epochs
         if self.plan.data.num_validation_images > 0 and (every is None or epoch % every == 0):
             self.validate(c.global_step, epoch=epoch)
 
-    # ---- validation and sampling -----------------------------------------------------------------------------------
+    # ---- validation, sampling, saving (training/evaluation.py, training/saving.py) ---------------------------------
     def validate(self, step: int, epoch: int | None = None) -> None:
-        """The validation loss at fixed σ and noise (spec §9), logged; every process scores its share."""
-        run, plan = self.run, self.plan
-        if plan.data.num_validation_images == 0:
+        """The validation loss (spec §9), recorded and logged; every process scores its share."""
+        if self.plan.data.num_validation_images == 0:
             return
-        from fluxlora.training.step import conditioning_of, latents_of
-
-        procs, device = run.processes, run.processes.device
-        autocast = plan.precision.autocast(device)
-
-        def score(batch: dict[str, Any], sigmas: Tensor, noise: Tensor):
-            return training_loss(
-                plan.family, run.models.transformer, latents_of(batch, run.models, plan, device),
-                conditioning_of(batch, run.models.text, run.trainable.trained_encoders), self.cfg.flow,
-                generator=torch.Generator().manual_seed(0), guidance=plan.guidance,
-                compute_dtype=plan.precision.compute, loss_weights=batch["loss_weights"],
-                alpha_masks=batch.get("alpha_masks"), autocast=autocast, sigmas=sigmas, noise=noise)
-
-        batches = make_dataloader(plan.data, 1, seed=plan.seed, split="validation", latent_cache=run.latent_cache,
-                                  text_cache=run.text_cache, num_processes=procs.count, process_index=procs.index)
-        vs = self.cfg.dataset_flags.validation_seed
-        with self._eval_context():
-            value = validation_loss(batches, score, lambda b: latents_of(b, run.models, plan, device),
-                                    seed=plan.seed if vs is None else vs,
-                                    max_batches=self.cfg.validation.max_validation_steps,
-                                    reduce_sum=procs.sum if procs.count > 1 else None)
+        value = validation_loss_of(self.run)
         self.result.validation.append((step, value))
         key = "epoch_average" if epoch is not None else "step_average"
         self.log({f"loss/validation/{key}": value}, step=epoch if epoch is not None else step)
         logger.info("validation loss at step %d: %.6f", step, value)
 
     def sample(self, *, epoch: int | None, step: int) -> None:
-        """Sample images with the prompt file (spec §8); a no-op without --sample_prompts.
+        """Sample images with the prompt file (spec §8); a no-op without --sample_prompts."""
+        sample_images(self.run, epoch=epoch, step=step)
 
-        `epoch` names epoch files (0 before training), None step files. With several processes every process
-        calls this: prompt i is generated by process i mod n, and the main process gathers and writes every file."""
-        cfg, run, plan = self.cfg, self.run, self.plan
-        if cfg.sampling.sample_prompts is None:
-            return
-        from fluxlora.inference.prompts import load_prompt_file
-        from fluxlora.inference.training_samples import accelerate_image_logger, sample_during_training
-
-        if run.sample_prompts is not None:  # the encoders are gone: the prompts were read and encoded up front
-            prompts, encode = list(run.sample_prompts.prompts), run.sample_prompts.encode
-        else:
-            prompts = load_prompt_file(cfg.sampling.sample_prompts, flag="--sample_prompts")
-            encode = run.models.text.encode
-        ae, procs = run.models.ae, run.processes
-        home = next(ae.parameters()).device
-        ae.to(procs.device)  # with cached latents the AE waits on the host: on the device only while sampling
-        try:
-            with self._eval_context():
-                sample_during_training(
-                    family=plan.family, info=plan.model, model=run.models.transformer, ae=ae, encode_fn=encode,
-                    prompts=prompts, output_dir=cfg.saving.output_dir, output_name=cfg.saving.output_name,
-                    epoch=epoch, step=step, device=procs.device, dtype=plan.precision.compute,
-                    mask_text=cfg.flow.apply_t5_attn_mask,
-                    modules=[run.trainable.network, *run.models.text.modules.values()],
-                    tracker=accelerate_image_logger(procs.accelerator) if cfg.logging.log_with else None,
-                    process_index=procs.index, num_processes=procs.count, gather=procs.gather_objects,
-                )
-        finally:
-            ae.to(home)
-
-    def _eval_context(self):
-        """LoRA without dropout, schedule-free averaged weights, no grad; the training RNG left untouched."""
-        import contextlib
-
-        network, optimizer = self.run.trainable.network, self.run.trainable.optimizer
-
-        @contextlib.contextmanager
-        def context():
-            rng = torch.get_rng_state()
-            network.eval()
-            try:
-                with eval_mode(optimizer), torch.no_grad():
-                    yield
-            finally:
-                network.train()
-                torch.set_rng_state(rng)
-
-        return context()
-
-    # ---- outputs ---------------------------------------------------------------------------------------------------
     def save_lora(self, path: Path, *, epoch: int | None = None, finished: bool = False) -> Path:
-        """The LoRA as it is now (schedule-free: its averaged weights), with the run's metadata; main process only."""
-        run, c = self.run, self.run.counters
-        if not run.processes.is_main:
-            return path
-        from fluxlora.network.saving import save_dtype
-
-        t = run.trainable
-        metadata = lora_metadata(self.plan, run.facts, steps=c.global_step, epoch=epoch or c.epoch,
-                                 network_args=dict(t.network.args.raw), finished=finished)
-        with eval_mode(t.optimizer):
-            t.network.save(path, save_dtype(self.cfg.precision.save_precision), metadata)
-        logger.info("saved %s", path)
-        return path
+        """The LoRA as it is now, with the run's metadata (main process only)."""
+        return save_lora(self.run, path, epoch=epoch, finished=finished)
 
     def _save_checkpoint(self, lora_path: Path, state_dir: Path, *, epoch: int | None = None) -> None:
         self.result.saved.append(self.save_lora(lora_path, epoch=epoch))
@@ -346,30 +262,9 @@ class Trainer:
             self.save_training_state(state_dir)
 
     def save_training_state(self, state_dir: Path) -> None:
-        """Every process calls this (the RNG states of all are gathered); only the main process writes."""
-        run = self.run
-        rng_states = run.processes.gather_rng_states()
-        if not run.processes.is_main:
-            return
-        t = run.trainable
-        save_state(state_dir, network_params=t.network.state_dict(), optimizer=t.optimizer, scheduler=t.scheduler,
-                   counters=run.counters, fingerprint=run.fingerprint, scaler=t.scaler, rng_states=rng_states)
-        self.result.saved.append(state_dir)
-
-    def _remove_file(self, path: Path) -> None:
-        if self.run.processes.is_main and path.exists():
-            path.unlink()
-            logger.info("removed %s (retention)", path)
-
-    def _remove_dir(self, path: Path) -> None:
-        if self.run.processes.is_main and path.is_dir():
-            # rename first (atomic), then delete: a crash mid-delete never leaves a half-deleted state folder that
-            # still looks complete under its final name
-            doomed = path.with_name(f".{path.name}.removing.tmp")
-            shutil.rmtree(doomed, ignore_errors=True)
-            path.rename(doomed)
-            shutil.rmtree(doomed)
-            logger.info("removed %s (retention)", path)
+        """A resumable state (every process calls this; the main process writes)."""
+        if save_training_state(self.run, state_dir):
+            self.result.saved.append(state_dir)
 
     def log(self, values: dict[str, float], *, step: int) -> None:
         if self.cfg.logging.log_with:
