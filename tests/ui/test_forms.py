@@ -12,7 +12,14 @@ from ui_data import write_images
 from fluxlora.config.args import parse_given
 from fluxlora.config.config_file import load_config_file
 from fluxlora.errors import ConfigError
-from fluxlora.ui.forms import FormProblem, argv_from_form, command_line, plan_run, split_problems
+from fluxlora.ui.forms import (
+    FormProblem,
+    argv_from_form,
+    command_line,
+    generate_argv,
+    plan_run,
+    split_problems,
+)
 from fluxlora.ui.security import Roots
 
 
@@ -80,3 +87,20 @@ def test_refused_settings_name_their_fields(form, tmp_path_factory):
     assert plan.errors and all(e["field"] == "dataset_config" for e in plan.errors)
     plan = plan_run({k: v for k, v in values.items() if k != "output_dir"}, roots, tmp_path / "state")
     assert {"field": "output_dir", "message": "--output_dir is required"} in plan.errors
+
+
+def test_generate_flags_stay_inside_the_roots(form):
+    from fluxlora.inference.generate import build_parser as generate_parser
+
+    values, roots, tmp_path = form
+    lora = tmp_path / "out" / "x.safetensors"
+    request = {"ckpt_path": values["pretrained_model_name_or_path"], "clip_l": values["clip_l"],
+               "t5xxl": values["t5xxl"], "ae": values["ae"], "lora_weights": str(lora),
+               "output_dir": str(tmp_path / "gen"), "prompt": "a red square; rm -rf ~", "width": "64", "steps": "2"}
+    argv, out = generate_argv(request, roots)
+    parsed = generate_parser().parse_args(argv)  # the generate command's own parser takes it as is
+    assert parsed.prompt == "a red square; rm -rf ~" and parsed.width == 64 and parsed.lora_weights == [str(lora)]
+    assert out == tmp_path / "gen"
+    with pytest.raises(FormProblem) as err:
+        generate_argv({**request, "ae": "/etc/passwd", "steps": "many", "prompt": " "}, roots)
+    assert sorted(e["field"] for e in err.value.errors) == ["ae", "prompt", "steps"]

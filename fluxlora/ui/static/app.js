@@ -301,7 +301,8 @@ function planView(plan) {
     plan.summary ? h("div", { class: "panel", id: "plan-summary" }, h("b", {}, "Preflight: "), plan.summary) : "",
     plan.memory && plan.memory.length ? h("div", { class: "panel" }, h("h3", {}, "Memory plan"), h("pre", { id: "plan-memory" }, plan.memory.join("\n"))) : "",
     h("div", { class: "panel" }, h("h3", {}, "Command line", copyButton(() => plan.command_line)), h("pre", { id: "plan-command" }, plan.command_line),
-      h("h3", {}, "--config_file TOML", copyButton(() => plan.config_toml)), h("pre", { id: "plan-toml" }, plan.config_toml)));
+      plan.config_toml ? h("h3", {}, "--config_file TOML", copyButton(() => plan.config_toml)) : "",
+      plan.config_toml ? h("pre", { id: "plan-toml" }, plan.config_toml) : ""));
 }
 
 async function checkRun(start) {
@@ -414,9 +415,10 @@ async function pollRun(id) {
         if (e.event === "step") state.events.steps.push(e);
         else if (e.event === "validation") state.events.validation.push(e);
         else if (e.event === "command") state.events.commands.push(e);
-        else if (e.event === "training" && state.events.steps.length) {
+        else if (e.event === "training") {
           // a resumed run starts again at its state's step: drop the steps it will redo
           state.events.steps = state.events.steps.filter((s) => s.step <= e.step);
+          state.events.trainingAt = e.t;
         }
       }
       state.events.offset = ev.offset;
@@ -463,7 +465,7 @@ function showRun(job) {
   document.getElementById("run-files").replaceChildren(...(job.files || []).filter((f) => !f.startsWith("sample/")).map((f) =>
     h("li", { "data-file": f }, f.endsWith(".safetensors") ? h("a", { href: `${fileUrl(`${job.output_dir}/${f}`)}&download=1` }, f) : f)));
   const cmd = state.events.commands[state.events.commands.length - 1];
-  if (cmd) set("cmd-out", `${cmd.command} at step ${cmd.step ?? "?"}: ${cmd.message || (cmd.files || []).join(", ") || "done"}`);
+  if (cmd && cmd.t >= (state.events.trainingAt || 0)) set("cmd-out", `${cmd.command} at step ${cmd.step ?? "?"}: ${cmd.message || (cmd.files || []).join(", ") || "done"}`);
   const log = document.getElementById("run-log");
   const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
   log.textContent = (job.log || []).join("\n");
