@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("fluxlora.tools.model_files:make_tiny_main",
                   "write tiny real-format checkpoints (FLUX.1/Chroma/Kontext/Fill/CLIP-L/T5/AE; --family flux2: FLUX.2)"),
     "demo": ("fluxlora.demo:main", "train a small LoRA on a generated dataset in about a minute on a CPU"),
+    "ui": ("fluxlora.ui.cli:main", "a local web app: datasets, presets, launch and watch runs (needs fluxlora[ui])"),
 }
 
 
