@@ -321,8 +321,8 @@ def job_create(request: Request, body: dict) -> dict:
     output_dir = Path(result.output_dir or ".")
     name = str(body.get("name") or result.output_name or output_dir.name)
     argv = list(result.argv)
-    if result.prepared is not None and result.prepared[0].training.seed is None:
-        argv.append(f"--seed={result.prepared[1].seed}")  # the seed preflight drew: a resume must use the same
+    if result.prepared is not None and result.prepared.cfg.training.seed is None:
+        argv.append(f"--seed={result.prepared.seed}")  # the seed preflight drew: a resume must use the same
     job = c.jobs.submit(kind="train", name=name, argv=argv, output_dir=output_dir,
                         output_name=result.output_name, extra={"form": body.get("values")})
     return job_view(c, job.id)

@@ -151,10 +151,10 @@ def check_paths(given: dict[str, Any], roots: Roots) -> list[dict[str, str]]:
     return errors
 
 
-def check_dataset_paths(pre: Any, roots: Roots) -> list[dict[str, str]]:
+def check_dataset_paths(run_plan: Any, roots: Roots) -> list[dict[str, str]]:
     """The image folders and metadata files the dataset TOML names, inside the roots too."""
     errors = []
-    for dataset in pre.blueprint.datasets:
+    for dataset in run_plan.blueprint.datasets:
         for subset in dataset.subsets:
             for attr in ("image_dir", "metadata_file", "conditioning_data_dir"):
                 value = getattr(subset, attr, None)
@@ -200,7 +200,7 @@ class Plan:
     memory: list[str] = field(default_factory=list)
     output_dir: str | None = None
     output_name: str | None = None
-    prepared: Any = None  # (cfg, pre) when the checks passed
+    prepared: Any = None  # the trainer's RunPlan when the checks passed
 
     def as_dict(self) -> dict[str, Any]:
         return {"argv": self.argv, "command_line": command_line(self.argv), "config_toml": config_toml(self.argv),
@@ -235,7 +235,7 @@ def config_toml(argv: list[str]) -> str:
 def plan_run(values: dict[str, Any], roots: Roots, state_dir: Path) -> Plan:
     """Form -> argv -> the trainer's parser and preflight (headers, dataset, memory): the plan or its errors."""
     from fluxlora.config.args import parse_given
-    from fluxlora.training.cli import memory_plan_lines, prepare
+    from fluxlora.training.cli import prepare
 
     values = dict(values)
     prompts = str(values.get(PROMPTS_FIELD) or "").strip()
@@ -267,10 +267,9 @@ def plan_run(values: dict[str, Any], roots: Roots, state_dir: Path) -> Plan:
     if prepared is None:  # --output_config is not offered; kept for completeness
         plan.errors = [{"field": "", "message": "nothing to run"}]
         return plan
-    cfg, pre = prepared
-    plan.errors = check_dataset_paths(pre, roots)
-    plan.summary = pre.summary()
-    plan.memory = memory_plan_lines(cfg, pre)
+    plan.errors = check_dataset_paths(prepared, roots)
+    plan.summary = prepared.summary()
+    plan.memory = prepared.memory_lines()
     plan.prepared = prepared
     return plan
 
@@ -282,7 +281,7 @@ def presets(values: dict[str, Any], roots: Roots, state_dir: Path, sizes: list[f
     plan = plan_run(values, roots, state_dir)
     if plan.prepared is None:
         return {"plan": plan.as_dict(), "presets": []}
-    return {"plan": plan.as_dict(), "presets": [p.as_dict() for p in presets_for(*plan.prepared, sizes)]}
+    return {"plan": plan.as_dict(), "presets": [p.as_dict() for p in presets_for(plan.prepared, sizes)]}
 
 
 def generate_argv(values: dict[str, Any], roots: Roots) -> tuple[list[str], Path]:
