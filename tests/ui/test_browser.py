@@ -51,6 +51,22 @@ def _wait(predicate, what: str, timeout: float = T / 1000):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _dump_state(page, shots: Path, servers) -> None:
+    """On a failure: a screenshot of the page and the job as the UI sees it (printed: pytest shows it)."""
+    try:
+        if page is not None:
+            page.screenshot(path=str(shots / "failure.png"), full_page=True)
+    except Exception as err:  # noqa: BLE001 - diagnostics must not hide the failure
+        print(f"no failure screenshot: {err}")
+    for server in servers:
+        if server is not None and server.proc.poll() is None:
+            status, job = server.request("GET", "/api/jobs/1?log=40", timeout=30)
+            print(f"job 1 as {server.url} sees it ({status}):", {k: job.get(k) for k in ("status", "exit_code", "error",
+                  "launches", "files")} if isinstance(job, dict) else job)
+            print("\n".join(job.get("log", []) if isinstance(job, dict) else []))
+            print("\n".join(server.output[-20:]))
+
+
 def test_dataset_to_finished_run_in_a_browser(tiny_ckpts, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -62,6 +78,7 @@ def test_dataset_to_finished_run_in_a_browser(tiny_ckpts, tmp_path):
     # each optimizer step of the runs this UI starts sleeps 1 s, so the buttons are pressed while it trains
     ui = start_ui([root], tmp_path / "state", env={"FLUXLORA_FAULT": "step_delay=1.0"})
     second = None
+    page = None
     try:
         with sync_playwright() as p:
             browser = launch_chromium(p, tmp_path / "profile")
@@ -166,6 +183,9 @@ def test_dataset_to_finished_run_in_a_browser(tiny_ckpts, tmp_path):
             page.screenshot(path=str(shots / "outputs.png"), full_page=True)
             assert errors == []
             browser.close()
+    except BaseException:
+        _dump_state(page, shots, [second, ui])
+        raise
     finally:
         ui.stop()
         if second is not None:
