@@ -179,6 +179,10 @@ def check_combination(spec: AdapterSpec, *, dropout: float | None, split_qkv: bo
     if loraplus and spec.algo != "lora":
         raise ConfigError(f"{FLAG} loraplus_lr_ratio / loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio: LoRA+ "
                           f"raises the learning rate of lora_up weights, which {what} does not have", key="loraplus_lr_ratio")
+
+
+def warn_about_loaders(spec: AdapterSpec) -> None:
+    """Once per network built: what a loader does differently with this file."""
     if spec.dora_wd and spec.wd_on_output:
         logger.warning("%s dora_wd with wd_on_output=True (LyCORIS' default): ComfyUI normalises output-axis DoRA by "
                        "the base weight's norm instead of the adapted one (ComfyUI PR #15458, open), so files look "

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fluxlora.config.adapter_args import AdapterSpec
+from fluxlora.config.adapter_args import AdapterSpec, warn_about_loaders
 from fluxlora.config.network_args import NetworkArgs, parse_network_args
 from fluxlora.errors import CheckpointError, ConfigError
 from fluxlora.network.adapters import ADAPTER_TYPES, ALL_SUFFIXES, adapter_from_file, algo_of, build_adapter
@@ -287,6 +287,7 @@ def create_network(
     targets = all_targets(flux, text_encoders, train_unet=train_unet, train_text_encoder=train_text_encoder,
                           train_t5xxl=args.train_t5xxl)
     spec = args.adapter
+    warn_about_loaders(spec)
     if spec.lycoris:
         encoders = list(text_encoders) + [None]
         targets = select_by_preset(targets, {"unet": flux, "clip_l": encoders[0]}, spec.preset)

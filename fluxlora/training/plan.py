@@ -29,6 +29,7 @@ from fluxlora.errors import FluxLoraError
 from fluxlora.families import resolve_family
 from fluxlora.families.base import ModelFamily, ModelInfo
 from fluxlora.models.checkpoints import SafetensorsHeader
+from fluxlora.network.sizes import adapter_params_for  # adapters: planner counts LoKr/LoHa/full/DoRA
 from fluxlora.training import planner, preflight
 from fluxlora.training.launch import launched_world_size
 from fluxlora.training.outputs import OutputNames, save_every_n_epochs
@@ -294,6 +295,7 @@ def workload_for(cfg: TrainConfig, family: ModelFamily, info: ModelInfo, bluepri
         shape=shape, batch_size=biggest.batch_size, image_tokens=image_tokens, text_tokens=text_length,
         weight_dtype=precision.weight, fp8=precision.fp8, compute_dtype=precision.compute if precision.mixed else None,
         lora_rank=cfg.network.network_dim or 4, lora_dtype=precision.lora,
+        adapter_params=adapter_params_for(cfg.network.network_spec.adapter, info.params, cfg.network.network_dim or 4),
         optimizer_states=OPTIMIZER_STATES.get(opt, 2.0), gradient_checkpointing=cfg.memory.gradient_checkpointing,
         checkpoint_blocks=cfg.memory.checkpoint_blocks if isinstance(cfg.memory.checkpoint_blocks, int) else None,
         cpu_offload_checkpointing=cfg.memory.cpu_offload_checkpointing,

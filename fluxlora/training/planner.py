@@ -56,6 +56,7 @@ class Workload:
     compute_dtype: torch.dtype | None = torch.bfloat16  # autocast dtype; None = no autocast (fp32)
     lora_rank: int = 16
     lora_dtype: torch.dtype = torch.float32
+    adapter_params: int | None = None  # adapters: trainable parameters of a LoKr/LoHa/full/DoRA network (None: LoRA)
     optimizer_states: float = 2.0
     gradient_checkpointing: bool = False
     checkpoint_blocks: int | None = None  # blocks checkpointed with gradient_checkpointing; None = all of them
@@ -128,7 +129,7 @@ def estimate(w: Workload) -> MemoryPlan:
     plan = MemoryPlan()
     plan.device["DiT weights"] = resident
 
-    lora_n = m.lora_params_per_rank * w.lora_rank
+    lora_n = w.adapter_params if w.adapter_params is not None else m.lora_params_per_rank * w.lora_rank  # adapters
     lb = torch.empty((), dtype=w.lora_dtype).element_size()
     plan.device["LoRA + grads"] = 2 * lora_n * lb
     plan.device["optimizer state"] = int(w.optimizer_states * lora_n * 4)

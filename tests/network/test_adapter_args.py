@@ -55,7 +55,7 @@ def test_dropout_flag_counts_as_neuron_dropout():
 def test_conv_only_keys_warn_and_output_axis_dora_warns(caplog):
     with caplog.at_level(logging.WARNING):
         parse_network_args(["algo=lokr", "use_tucker=True", "conv_dim=8"], network_module=LYCORIS)
-        parse_network_args(["dora_wd=True"])
+        create_network(1.0, 2, 1, small_flux(), [], network_args=["dora_wd=True"])
     text = caplog.text
     assert "use_tucker has no effect" in text and "conv_dim/conv_alpha have no effect" in text
     assert "ComfyUI PR #15458" in text and "wd_on_output=False" in text
