@@ -2,6 +2,7 @@
 
     python benchmarks/step.py --config medium                 # CPU: the whole trainer step, width 3072, 1 + 1 blocks, 256²
     python benchmarks/step.py --config medium --ckpt          # the same with --gradient_checkpointing
+    python benchmarks/step.py --config medium --network_module lycoris.kohya --network_args algo=lokr  # an adapter
     python benchmarks/step.py --config medium-step            # only the isolated step below, same model size
     PYTHONPATH=. python3 benchmarks/step.py --config gpu-suite # full-size FLUX, random weights, GPU cases
 
@@ -364,6 +365,9 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--text_tokens", type=int, default=512)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--network_module", default="networks.lora_flux",
+                    help="medium: the trainer's --network_module (lycoris.kohya for LoKr / LoHa / full)")
+    ap.add_argument("--network_args", nargs="*", default=[], help="medium: the trainer's --network_args, e.g. algo=lokr")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

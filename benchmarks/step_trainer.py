@@ -78,12 +78,13 @@ def medium_argv(folder: Path, args) -> list[str]:
         f"--pretrained_model_name_or_path={models / 'flux1-dev.safetensors'}", f"--clip_l={models / 'clip_l.safetensors'}",
         f"--t5xxl={models / 't5xxl.safetensors'}", f"--ae={models / 'ae.safetensors'}",
         f"--dataset_config={folder / 'dataset.toml'}", f"--output_dir={out}", "--output_name=bench",
-        "--network_module=networks.lora_flux", f"--network_dim={args.rank}", f"--network_alpha={args.rank}",
+        f"--network_module={args.network_module}", f"--network_dim={args.rank}", f"--network_alpha={args.rank}",
         "--network_train_unet_only", "--optimizer_type=AdamW", "--learning_rate=1e-4", "--seed=1",
         f"--mixed_precision={'bf16' if args.dtype == 'bf16' else 'no'}", f"--t5xxl_max_token_length={args.text_tokens}",
         "--cache_latents", "--cache_text_encoder_outputs", f"--max_train_steps={args.warmup + args.steps}",
         "--max_data_loader_n_workers=0", "--log_with=tensorboard", f"--logging_dir={out / 'logs'}",
     ]
+    argv += ["--network_args", *args.network_args] if args.network_args else []
     return argv + (["--gradient_checkpointing"] if args.ckpt else [])
 
 
