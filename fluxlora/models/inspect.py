@@ -51,12 +51,34 @@ def _dtypes(headers: list[SafetensorsHeader]) -> str:
     return ", ".join(f"{d} {100 * n / total:.1f}%" for d, n in counts.most_common())
 
 
+def _algorithms(keys) -> Counter[str]:
+    """Modules per adapter algorithm, from the key suffixes (LyCORIS files hold LoKr / LoHa / full / DoRA)."""
+    suffixes: dict[str, set[str]] = {}
+    for key in keys:
+        name, _, suffix = key.partition(".")
+        suffixes.setdefault(name, set()).add(suffix)
+    algos: Counter[str] = Counter()
+    for parts in suffixes.values():
+        kind = next((a for a, marks in _ALGO_MARKS if parts & marks), None)
+        if kind is not None:
+            algos[kind + (" + DoRA" if "dora_scale" in parts else "")] += 1
+    return algos
+
+
+_ALGO_MARKS = (("LoKr", {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"}), ("LoHa", {"hada_w1_a"}), ("full", {"diff"}),
+               ("LoRA", {"lora_down.weight", "lora_A.weight"}))
+
+
 def _lora_lines(header: SafetensorsHeader) -> list[str]:
     downs = {k: v for k, v in header.tensors.items() if k.endswith(LORA_DOWN)}
     ranks = Counter(v.shape[0] for v in downs.values() if v.shape)
-    prefixes = Counter(k.split("_", 2)[1] if k.startswith("lora_") else k.split(".", 1)[0] for k in downs)
-    lines = [f"  modules:    {len(downs)} ({', '.join(f'{p} {n}' for p, n in sorted(prefixes.items()))})",
-             f"  ranks:      {', '.join(f'{r} ×{n}' for r, n in sorted(ranks.items()))}"]
+    algos = _algorithms(header.tensors)
+    # one key per module: a LoRA down, or the first factor of a LoKr / LoHa / full module
+    firsts = list(downs) + [k for k in header.tensors if k.partition(".")[2] in ("lokr_w1", "lokr_w1_a", "hada_w1_a", "diff")]
+    prefixes = Counter(k.split("_", 2)[1] if k.startswith("lora_") else k.split(".", 1)[0] for k in firsts)
+    lines = [f"  modules:    {len(firsts)} ({', '.join(f'{p} {n}' for p, n in sorted(prefixes.items()))})",
+             f"  ranks:      {', '.join(f'{r} ×{n}' for r, n in sorted(ranks.items()))}",
+             f"  algorithms: {', '.join(f'{a} {n}' for a, n in sorted(algos.items()))}"]
     alphas = sorted({k for k in header.tensors if k.endswith(".alpha")})
     lines.append(f"  alpha keys: {len(alphas)}")
     ss = {k: v for k, v in header.metadata.items() if k.startswith("ss_")}

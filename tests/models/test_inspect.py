@@ -84,3 +84,21 @@ def test_bad_file_reported_and_others_still_printed(tmp_path: Path, flux_files: 
 def test_cli_dispatch(flux_files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["inspect", str(flux_files["schnell"])]) == 0
     assert "variant:    schnell" in capsys.readouterr().out
+
+
+def test_lycoris_summary_counts_each_algorithm(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "lokr.safetensors"
+    tensors = {"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.zeros(4, 4),
+               "lora_unet_double_blocks_0_img_attn_qkv.lokr_w2": torch.zeros(12, 4),
+               "lora_unet_single_blocks_0_linear2.hada_w1_a": torch.zeros(16, 2),
+               "lora_unet_single_blocks_0_linear2.hada_w1_b": torch.zeros(2, 16),
+               "lora_unet_single_blocks_0_linear2.hada_w2_a": torch.zeros(16, 2),
+               "lora_unet_single_blocks_0_linear2.hada_w2_b": torch.zeros(2, 16),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 16),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(16, 2),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.dora_scale": torch.zeros(16, 1)}
+    save_file(tensors, str(path))
+    assert inspect.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "kind:       lora" in out and "modules:    3 (te1 1, unet 2)" in out
+    assert "algorithms: LoHa 1, LoKr 1, LoRA + DoRA 1" in out
