@@ -173,7 +173,7 @@ class Adapter(nn.Module):
                 delta = delta * mask[:, None]
             weight = base_weight(self.base).to(delta.device)
             change = dora_delta(weight, delta, self.dora_scale, on_output=self.wd_on_output)
-            y = nn.functional.linear(x, change.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else change)
+            y = nn.functional.linear(x, change)  # x is fp32 here unless autocast casts both
         else:
             y = self.delta_output(x)
             if mask is not None:

@@ -27,6 +27,7 @@ from fluxlora.config.adapter_args import AdapterSpec, warn_about_loaders
 from fluxlora.config.network_args import NetworkArgs, parse_network_args
 from fluxlora.errors import CheckpointError, ConfigError
 from fluxlora.network.adapters import ADAPTER_TYPES, ALL_SUFFIXES, adapter_from_file, algo_of, build_adapter
+from fluxlora.network.deltas import algorithm
 from fluxlora.network.groups import ParamGroups, build_param_groups
 from fluxlora.network.module import LoRAModule
 from fluxlora.network.saving import read_lora, save_lora
@@ -187,9 +188,17 @@ class LoRANetwork(nn.Module):
                 unknown.append(key)
                 continue
             grouped.setdefault(name, {})[suffix] = tensor
+        other_algo = []
         for name, parts in grouped.items():
-            wrong += modules[name].file_problems(parts)
+            module, algo = modules[name], _file_algorithm(parts)
+            if algo != _module_algorithm(modules[name]):
+                other_algo.append(f"{name}: file {algo}, network {_module_algorithm(module)}")
+            else:
+                wrong += module.file_problems(parts)
         problems = [f"{len(unknown)} key(s) that match no module of this network, first {unknown[:3]}"] if unknown else []
+        if other_algo:
+            problems.append(f"{len(other_algo)} module(s) of another algorithm, first {other_algo[:2]} (pass the "
+                            "file's --network_module/--network_args, e.g. algo=lokr)")
         if wrong:
             problems.append(f"{len(wrong)} shape problem(s), first {wrong[:3]}")
         if problems:
@@ -210,6 +219,14 @@ class LoRANetwork(nn.Module):
             logger.warning("%s: %d key(s) of components not being trained were skipped, first %s",
                            path, len(info.skipped), info.skipped[:3])
         return info
+
+
+def _file_algorithm(parts: Mapping[str, torch.Tensor]) -> str:
+    return algorithm(parts) + (" + DoRA" if "dora_scale" in parts else "")
+
+
+def _module_algorithm(module: Module) -> str:
+    return module.algo + (" + DoRA" if module.dora else "")
 
 
 def _build(
