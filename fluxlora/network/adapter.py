@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from fluxlora.network.dora import dora_delta, magnitude_init
+from fluxlora.network.dora import EPS, dora_delta, magnitude_init
 
 
 def global_rand(shape: tuple[int, ...], device: torch.device) -> Tensor:
@@ -167,7 +167,9 @@ class Adapter(nn.Module):
         if x.dtype != torch.float32 and not torch.is_autocast_enabled(x.device.type):
             x = x.float()  # no autocast: the adapter computes in fp32, as LoRAModule does
         mask = self._row_mask(x.device)
-        if self.dora:
+        if self.dora and self.wd_on_output and self.dora_row_terms is not None:
+            y = self._dora_output_axis(x, out, mask)
+        elif self.dora:
             delta = self.raw_delta()
             if mask is not None:
                 delta = delta * mask[:, None]
@@ -179,6 +181,29 @@ class Adapter(nn.Module):
             if mask is not None:
                 y = y * mask.to(y.dtype)
         return out + (y * self.multiplier).to(out.dtype)
+
+    #: (W) → (⟨W_i, ΔW_i⟩, ‖ΔW_i‖²) per output row without forming ΔW; algorithms that can, define it
+    dora_row_terms = None
+
+    def _dora_output_axis(self, x: Tensor, out: Tensor, mask: Tensor | None) -> Tensor:
+        """Output-axis DoRA without an [out, in] matrix: W'x = s ⊙ (Wx + ΔWx), s = m / ‖W + ΔW‖ per row, with
+        ‖W_i + ΔW_i‖² = ‖W_i‖² + 2⟨W_i, ΔW_i⟩ + ‖ΔW_i‖² from the factors, and Wx = base(x) − b (already computed).
+        The same function as `dora_delta` (tests compare both); backward costs what LoRA's does."""
+        weight = self.base.weight if self.base.weight.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            else base_weight(self.base)
+        with torch.no_grad():
+            own = base_weight(self.base).square().sum(dim=1)  # ‖W_i‖², frozen
+        cross, dsq = self.dora_row_terms(weight)
+        if mask is not None:
+            cross, dsq = cross * mask, dsq * mask.square()
+        norm = (own + 2 * cross.float() + dsq.float()).clamp_min(0.0).sqrt()
+        s = self.dora_scale.float().squeeze(1) / (norm + EPS)
+        bias = self.base.bias
+        wx = out if bias is None else out - bias.to(out.dtype)
+        delta_x = self.delta_output(x)
+        if mask is not None:
+            delta_x = delta_x * mask.to(delta_x.dtype)
+        return (s - 1).to(wx.dtype) * wx + s.to(delta_x.dtype) * delta_x
 
     # ---- files -----------------------------------------------------------------------------------------------
     def file_tensors(self) -> dict[str, Tensor]:
@@ -198,9 +223,8 @@ class Adapter(nn.Module):
         for s in want:
             if s not in parts:
                 continue
-            shape, wrong = tuple(parts[s].shape), False
-            wrong = parts[s].numel() != 1 if s == "alpha" else shape != want[s]
-            if wrong:
+            shape = tuple(parts[s].shape)
+            if (parts[s].numel() != 1) if s == "alpha" else shape != want[s]:
                 problems.append(f"{self.lora_name}.{s} (file {list(shape)}, network {list(want[s])})")
         return problems
 

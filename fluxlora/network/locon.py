@@ -52,6 +52,12 @@ class LoConModule(Adapter):
     def delta_output(self, x: Tensor) -> Tensor:
         return self.lora_up(self.lora_down(x)) * self.scale
 
+    def dora_row_terms(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """(⟨W_i, ΔW_i⟩, ‖ΔW_i‖²) with ΔW = s·up@down: s·rowsum((W @ downᵀ) ⊙ up) and the Gram identity."""
+        down, up = self.lora_down.weight, self.lora_up.weight
+        cross = ((weight @ down.T.to(weight.dtype)).float() * up.float()).sum(dim=1) * self.scale
+        return cross, gram_row_norms_sq(up.float(), down.float()) * self.scale**2
+
     @torch.no_grad()
     def file_tensors(self) -> dict[str, Tensor]:
         return {"alpha": self.alpha.detach().to("cpu", copy=True), **self._dora_file(),

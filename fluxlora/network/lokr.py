@@ -166,6 +166,18 @@ class LoKrModule(Adapter):
         h = h.transpose(-1, -2) @ self._w1().T  # [..., c, a]
         return h.transpose(-1, -2).reshape(*x.shape[:-1], lay.a * lay.c) * self._gain()
 
+    def dora_row_terms(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """(⟨W_i, ΔW_i⟩, ‖ΔW_i‖²) for ΔW = g·w1 ⊗ w2: W viewed as [a, c, b, d] contracted with w1 and w2, and the
+        Kronecker row norms ‖w1_i1‖²·‖w2_i2‖²."""
+        lay = self.layout
+        w1, w2 = self._w1(), self._w2()
+        blocks = weight.reshape(lay.a, lay.c, lay.b, lay.d)
+        cross = torch.einsum("acbd,ab->acd", blocks, w1.to(weight.dtype))
+        cross = torch.einsum("acd,cd->ac", cross, w2.to(weight.dtype)).reshape(-1).float()
+        rows = torch.outer(w1.float().square().sum(1), w2.float().square().sum(1)).reshape(-1)
+        gain = self._gain()
+        return cross * gain, rows * gain**2
+
     # ---- files and max-norm ------------------------------------------------------------------------------------
     @torch.no_grad()
     def file_tensors(self) -> dict[str, Tensor]:

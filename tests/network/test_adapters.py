@@ -77,3 +77,29 @@ def test_a_file_of_another_algorithm_is_refused_naming_the_keys(tmp_path):
     dora, *_ = _network("dora")
     with pytest.raises(CheckpointError, match="file lora, network lora \\+ DoRA"):
         dora.load_lora_state_dict({k: v for k, v in dora.state_dict_for_save().items() if "dora_scale" not in k})
+
+
+@pytest.mark.parametrize("case", ["dora", "lokr-dora"])
+def test_fast_output_axis_dora_equals_the_rebuilt_weight_in_value_and_gradient(case):
+    """LoRA / LoKr output-axis DoRA never forms W + ΔW in the forward; it must equal the dense rebuild exactly
+    (values and gradients, with rank dropout's row mask), which is LyCORIS' formula."""
+    args = {"dora": ["algo=lora", "dora_wd=True", "rank_dropout=0.3"],
+            "lokr-dora": ["algo=lokr", "factor=4", "decompose_both=True", "dora_wd=True", "rank_dropout=0.3"]}[case]
+    results = []
+    for dense in (False, True):
+        flux = small_flux()
+        network = create_network(1.0, 3, 2, flux, [], network_args=args, network_module="lycoris.kohya")
+        randomize_dora_(network)
+        if dense:
+            for m in network.loras:
+                m.dora_row_terms = None  # the dense path: DoRA(W, ΔW) built as a matrix
+        network.apply_to()
+        network.train()
+        torch.manual_seed(3)
+        out = flux(**flux_inputs())
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in network.named_parameters()}))
+    (fast, fast_grads), (dense, dense_grads) = results
+    torch.testing.assert_close(fast, dense, rtol=0, atol=1e-5)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
