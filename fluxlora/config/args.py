@@ -21,7 +21,7 @@ from fluxlora.errors import ConfigError
 # them is simply the value that reproduces sd-scripts' behaviour.
 FLUXLORA_FLAGS = (
     "ignore_unsupported", "sd_scripts_defaults", "overwrite", "resume_force", "cache_dir", "fp8_scaled",
-    "max_nan_steps", "dry_run", "checkpoint_blocks", *(o.name for o in DATASET_OPTIONS if o.ours),
+    "max_nan_steps", "dry_run", "checkpoint_blocks", "text_encoder", "model_version", *(o.name for o in DATASET_OPTIONS if o.ours),
 )
 
 
@@ -96,8 +96,12 @@ def _model_args(parser: FluxArgumentParser) -> None:
     add("pretrained_model_name_or_path", type=str, help="the transformer: BFL safetensors file or diffusers folder [required]")
     add("clip_l", type=str, help="CLIP-L text encoder safetensors [required by FLUX.1]")
     add("t5xxl", type=str, help="T5-XXL encoder safetensors (fp16/bf16/fp8 e4m3fn) [required by FLUX.1]")
+    add("text_encoder", type=str, help="FLUX.2 text encoder safetensors: Mistral Small 3 (dev) or Qwen3 4B / 8B "
+        "(klein) [required by FLUX.2]")
     add("ae", type=str, help="FLUX autoencoder safetensors [required]")
     add("model_type", type=str, help="model family (flux, ...); default: detected from the transformer file's header")
+    add("model_version", type=str, choices=["dev", "klein-4b", "klein-9b", "klein-base-4b", "klein-base-9b"],
+        help="FLUX.2 variant (musubi-tuner's spelling); default: from the file (klein base: 'base' in the file name)")
     add("tokenizer_cache_dir", type=str, help="folder with offline tokenizer copies")
     _flag(add, "disable_mmap_load_safetensors", "read safetensors without memory mapping")
     add("controlnet_model_name_or_path", type=str, help="ControlNet (not used by LoRA training)")

@@ -36,8 +36,10 @@ class ModelFiles:
     pretrained_model_name_or_path: Path
     clip_l: Path | None  # text-encoder files: which are required is the model family's (preflight checks)
     t5xxl: Path | None
+    text_encoder: Path | None  # FLUX.2's one text encoder (Mistral Small 3 / Qwen3), musubi-tuner's flag
     ae: Path
     model_type: str | None  # None: the family is detected from the transformer file's header
+    model_version: str | None  # FLUX.2 variant, musubi-tuner's spelling (dev, klein-base-4b, ...); None: from the file
     tokenizer_cache_dir: Path | None
     disable_mmap_load_safetensors: bool
 

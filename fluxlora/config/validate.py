@@ -27,7 +27,8 @@ REQUIRED = {
 }
 # flag -> what must exist: "file", "dir" or "any"
 EXISTING_PATHS = {
-    "pretrained_model_name_or_path": "any", "clip_l": "file", "t5xxl": "file", "ae": "file",
+    "pretrained_model_name_or_path": "any", "clip_l": "file", "t5xxl": "file", "text_encoder": "file",
+    "ae": "file",
     "dataset_config": "file", "train_data_dir": "dir", "reg_data_dir": "dir", "in_json": "file",
     "network_weights": "file", "sample_prompts": "file", "resume": "dir", "log_tracker_config": "file",
 }

@@ -12,7 +12,7 @@ from pathlib import Path
 from fluxlora.errors import ConfigError
 from fluxlora.families.base import ModelFamily, ModelInfo
 
-BUILTIN = ("fluxlora.families.flux1.family",)
+BUILTIN = ("fluxlora.families.flux1.family", "fluxlora.families.flux2.family")
 _REGISTRY: dict[str, ModelFamily] = {}
 _loaded = False
 

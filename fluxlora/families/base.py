@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fluxlora import flow
+from fluxlora.errors import ConfigError
 from fluxlora.models.checkpoints import ModelKind, SafetensorsHeader
 from fluxlora.network.metadata import ArchitectureStrings
 
@@ -172,6 +173,17 @@ class ModelFamily(ABC):
     @abstractmethod
     def text_length(self, info: ModelInfo, override: int | None) -> int:
         """Token length of the text conditioning (`override` from the command line, if given)."""
+
+    def check_run(self, cfg: Any, info: ModelInfo, headers: Mapping[str, SafetensorsHeader]) -> ModelInfo:
+        """The family's own checks of a run's files and flags before any weight is read (`cfg` is the TrainConfig,
+        `headers` the encoder / AE headers that were readable, by component and "ae"); returns the info the run uses
+        (a family may refine it from its flags). Raise a FluxLoraError naming the flag. Default: `--model_version`
+        is refused (only FLUX.2 reads it). [flux2 hook]"""
+        version = getattr(cfg.model, "model_version", None)
+        if version is not None:
+            raise ConfigError(f"--model_version {version}: only FLUX.2 models read it, and this model is {info.title}; "
+                              "remove the flag", key="--model_version")
+        return info
 
     def check_lora(self, info: ModelInfo, metadata: Mapping[str, str]) -> str | None:
         """None when a LoRA with this metadata can train on / apply to `info`; otherwise why not (one line)."""

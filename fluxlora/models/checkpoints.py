@@ -161,6 +161,7 @@ class ModelKind(StrEnum):
     AE = "ae"  # BFL autoencoder
     CLIP_L = "clip_l"  # CLIPTextModel, ComfyUI / sd-scripts layout
     T5XXL = "t5xxl"  # T5EncoderModel, ComfyUI / sd-scripts layout
+    LLM = "llm"  # a decoder-only language model (Mistral 3 / Qwen3: FLUX.2's text encoders), ComfyUI / HF layout
     LORA = "lora"
     UNKNOWN = "unknown"
 
@@ -173,6 +174,7 @@ KIND_DESCRIPTIONS = {
     ModelKind.AE: "a FLUX autoencoder (ae.safetensors)",
     ModelKind.CLIP_L: "a CLIP-L text encoder",
     ModelKind.T5XXL: "a T5-XXL text encoder",
+    ModelKind.LLM: "a language-model text encoder (Mistral 3 / Qwen3)",
     ModelKind.LORA: "a LoRA",
     ModelKind.UNKNOWN: "an unrecognised model",
 }
@@ -201,6 +203,9 @@ def detect_kind(keys: Iterable[str]) -> ModelKind:
         return ModelKind.CLIP_L
     if any(k.startswith("encoder.block.") for k in keys) and any(".SelfAttention." in k for k in keys):
         return ModelKind.T5XXL
+    if any(k.endswith("layers.0.self_attn.q_proj.weight") for k in keys) and any(
+            k.endswith("embed_tokens.weight") for k in keys):
+        return ModelKind.LLM
     return ModelKind.UNKNOWN
 
 

@@ -50,11 +50,15 @@ class Residency:
     keep_ae: bool  # False when latents are cached and nothing samples: the AE is freed
 
 
-def residency_for(cfg: TrainConfig) -> Residency:
+def residency_for(cfg: TrainConfig, family: ModelFamily | None = None) -> Residency:
     """sd-scripts caches with the models on the device, then moves them away; we free what nothing reads again."""
+    from fluxlora.network.targets import COMPONENT_PREFIXES
+
     c = cfg.caching
-    # A text-encoder LoRA (no --network_train_unet_only) runs its encoder every step, so the encoders stay.
-    drop_te = c.cache_text_encoder_outputs and cfg.network.network_train_unet_only
+    # A text-encoder LoRA (no --network_train_unet_only) runs its encoder every step, so the encoders stay; encoders
+    # the LoRA network has no rules for (FLUX.2's) never carry one. [flux2 hook]
+    te_lora = family is None or any(e.component in COMPONENT_PREFIXES for e in family.encoders)
+    drop_te = c.cache_text_encoder_outputs and (cfg.network.network_train_unet_only or not te_lora)
     return Residency(drop_text_encoders=drop_te, ae_off_device=c.cache_latents,
                      keep_ae=not c.cache_latents or cfg.sampling.sample_prompts is not None)
 
@@ -161,6 +165,7 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
     headers: dict[str, SafetensorsHeader] = {}
     if family is not None:
         headers = problems.check(lambda: preflight.check_encoder_files(cfg, family)) or {}
+        info = problems.check(lambda: family.check_run(cfg, info, headers)) or info  # [flux2 hook: family checks]
         problems.check(lambda: preflight.check_memory_flags(cfg, info))
         problems.check(lambda: preflight.check_checkpoint_blocks(cfg, info))
         problems.check(lambda: preflight.check_network_weights(cfg, family, info))
@@ -189,7 +194,7 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
     assert schedule is not None and text_length is not None
 
     precision = precision_for(cfg)
-    residency = residency_for(cfg)
+    residency = residency_for(cfg, family)
     device = training_device()
     encoder_files = {e.component: Path(getattr(cfg.model, e.component)) for e in family.encoders}
     workload = workload_for(cfg, family, info, blueprint, text_length, precision, residency, headers)

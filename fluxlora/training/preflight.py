@@ -41,7 +41,7 @@ def check_encoder_files(cfg: TrainConfig, family: ModelFamily) -> dict[str, Safe
             headers[component] = header
         except FluxLoraError as err:
             problems.append(err)
-    extra = [f"--{name}" for name in ("clip_l", "t5xxl")
+    extra = [f"--{name}" for name in ("clip_l", "t5xxl", "text_encoder")
              if getattr(cfg.model, name) is not None and name not in {e.component for e in family.encoders}]
     if extra:
         logger.warning("%s: not used by %s models; ignored", ", ".join(extra), family.name)

@@ -165,7 +165,7 @@ def cached_workloads(plan: RunPlan) -> list[tuple[dict[str, Any], Workload]]:
         except ConfigError:
             continue
         found.append((missing, workload_for(changed, plan.family, plan.model, plan.blueprint, plan.text_length,
-                                            precision_for(changed), residency_for(changed), plan.headers)))
+                                            precision_for(changed), residency_for(changed, plan.family), plan.headers)))
     return found
 
 

@@ -171,7 +171,8 @@ class _CacheBuilder:
             ae_fingerprint=f"{file_fingerprint(Path(plan.cfg.model.ae))}:{plan.precision.ae}",
             batch_size=c.vae_batch_size, to_disk=c.cache_latents_to_disk, cache_dir=c.cache_dir,
             flip_aug=any(s.flip_aug for d in plan.blueprint.datasets for s in d.subsets),
-            progress=p.is_main, rank=p.index, world_size=p.count if c.cache_latents_to_disk else 1)
+            progress=p.is_main, rank=p.index, world_size=p.count if c.cache_latents_to_disk else 1,
+            latent_channels=plan.family.latent_channels)  # [flux2 hook: the family's latent channels]
         logger.info("latent cache: %s", stats)
 
     def texts(self, encoders: TextEncoders) -> None:
