@@ -32,6 +32,16 @@ def tiny_ckpts(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_ckpts(tmp_path_factory: pytest.TempPathFactory):
+    """{--model_version: tiny FLUX.2 file set} for dev, klein-4b, klein-9b and klein-base-4b, in the real layouts
+    (see fluxlora.families.flux2.tiny), written once per test session."""
+    from fluxlora.families.flux2.tiny import write_tiny_flux2
+
+    root = tmp_path_factory.mktemp("tiny_flux2")
+    return {v: write_tiny_flux2(root / v, v) for v in ("dev", "klein-4b", "klein-9b", "klein-base-4b")}
+
+
+@pytest.fixture(scope="session")
 def tiny_family_ckpts(tmp_path_factory: pytest.TempPathFactory):
     """Tiny Chroma, Kontext and Fill transformers in their real file layouts (see fluxlora.families.tiny)."""
     from fluxlora.families.tiny import write_tiny_family_checkpoints

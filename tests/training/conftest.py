@@ -44,14 +44,24 @@ def model_flags(tiny) -> list[str]:
     ]
 
 
-@pytest.fixture
-def train_argv(tiny_ckpts, tiny_dataset, tmp_path):
-    """Build a training command line for the tiny models; `extra` flags are appended."""
+def flux2_model_flags(paths) -> list[str]:
+    """The command-line model files of a tiny FLUX.2 set (`fluxlora.families.flux2.tiny.TinyFlux2Paths`)."""
+    return [f"--pretrained_model_name_or_path={paths.transformer}", f"--text_encoder={paths.text_encoder}",
+            f"--ae={paths.ae}", f"--tokenizer_cache_dir={paths.tokenizer}"]
 
-    def build(*extra: str, output_dir: Path | None = None, toml_extra: str = "", batch_size: int = 2) -> list[str]:
+
+@pytest.fixture
+def train_argv(tiny_ckpts, tiny_dataset, tmp_path, request):
+    """Build a training command line for the tiny models; `extra` flags are appended. `family="flux2"` trains the
+    tiny FLUX.2 klein base 4B (`version` another --model_version's files) instead of the tiny FLUX.1-dev."""
+
+    def build(*extra: str, output_dir: Path | None = None, toml_extra: str = "", batch_size: int = 2,
+              family: str = "flux1", version: str = "klein-base-4b") -> list[str]:
         toml = write_dataset_toml(tmp_path / "dataset.toml", tiny_dataset, batch_size=batch_size, extra=toml_extra)
         out = output_dir or tmp_path / "out"
-        return [*model_flags(tiny_ckpts), f"--dataset_config={toml}", f"--output_dir={out}", "--output_name=lora",
+        models = model_flags(tiny_ckpts) if family == "flux1" else \
+            flux2_model_flags(request.getfixturevalue("tiny_flux2_ckpts")[version])
+        return [*models, f"--dataset_config={toml}", f"--output_dir={out}", "--output_name=lora",
                 "--network_module=networks.lora_flux", "--network_dim=4", "--learning_rate=1e-3", "--seed=7",
                 "--t5xxl_max_token_length=16", "--network_train_unet_only", *extra]
 

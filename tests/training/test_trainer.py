@@ -37,14 +37,16 @@ def test_training_writes_a_kohya_lora_with_metadata_and_plot(train_argv, tmp_pat
 
 # "accum2-cached": the resumed run frees its text encoders after caching and parks the AE on the host, as the
 # first part did
+@pytest.mark.parametrize("family", ["flux1", "flux2"])
 @pytest.mark.parametrize("extra", [(), ("--gradient_accumulation_steps=2", "--cache_latents",
                                         "--cache_text_encoder_outputs")], ids=["plain", "accum2-cached"])
-def test_resume_is_bit_identical(train_argv, tmp_path, extra):
-    full = train(train_argv("--max_train_steps=6", *extra, output_dir=tmp_path / "full"))
-    first = train(train_argv("--max_train_steps=3", "--save_state", *extra, output_dir=tmp_path / "a"))
+def test_resume_is_bit_identical(train_argv, tmp_path, extra, family):
+    full = train(train_argv("--max_train_steps=6", *extra, output_dir=tmp_path / "full", family=family))
+    first = train(train_argv("--max_train_steps=3", "--save_state", *extra, output_dir=tmp_path / "a", family=family))
     state = tmp_path / "a" / "lora-state"
     assert load_state(state).counters.global_step == 3
-    second = train(train_argv("--max_train_steps=6", f"--resume={state}", *extra, output_dir=tmp_path / "b"))
+    second = train(train_argv("--max_train_steps=6", f"--resume={state}", *extra, output_dir=tmp_path / "b",
+                              family=family))
     assert first.losses == full.losses[:3]
     assert second.losses == full.losses  # the state carries the loss history of the first part
     a, b = _lora(tmp_path / "full" / "lora.safetensors"), _lora(tmp_path / "b" / "lora.safetensors")

@@ -125,7 +125,7 @@ class Flux2Family(ModelFamily):
                 raise CheckpointError(f"{FLAG} {header.path}: not a Mistral 3 / Qwen3 text encoder; pass the FLUX.2 "
                                       "text encoder file", path=header.path, key=FLAG)
             hidden = next(s[1] for k, s in header.shapes.items() if k.endswith("embed_tokens.weight"))
-            check_text_encoder_fits(info.params, kind, hidden, path=header.path, flag=FLAG)
+            check_text_encoder_fits(info.params, kind, hidden, path=header.path, flag=FLAG, title=info.title)
             find_tokenizer(kind, cfg.model.tokenizer_cache_dir, header.path)
         ae = headers.get("ae")
         if ae is not None and "bn.running_mean" not in ae.tensors:

@@ -173,6 +173,10 @@ def resolve_model_version(params: Flux2Params, model_version: str | None, *, pat
             raise CheckpointError(f"{flag} {model_version} does not match {path}: its shapes are FLUX.2 {arch}; "
                                   f"pass {flag} {arch if arch == 'dev' else arch.replace('klein-', 'klein-base-')} "
                                   "or the right file", path=path, key=flag)
+        if arch == "custom" and (want == "dev") != params.guidance_embed:
+            which = "a guidance embedding, as only [dev] has" if params.guidance_embed else "no guidance embedding: klein"
+            raise CheckpointError(f"{flag} {model_version} does not match {path}: it has {which}; pass the "
+                                  f"{flag} of the file or the right file", path=path, key=flag)
         if base and params.guidance_embed:
             raise CheckpointError(f"{flag} {model_version}: {path} has a guidance embedding (a guidance-distilled "
                                   "[dev] file), not a klein base file", path=path, key=flag)
@@ -191,7 +195,7 @@ def text_encoder_kind(params: Flux2Params) -> str:
 
 
 def check_text_encoder_fits(params: Flux2Params, kind: str, hidden: int, *, path: str | Path,
-                            flag: str = "--text_encoder") -> None:
+                            flag: str = "--text_encoder", title: str | None = None) -> None:
     """A text encoder whose stacked width (3 × hidden) is not the transformer's `txt_in` width is the wrong one (a
     klein file with the [dev] Mistral encoder, Qwen3-4B with klein 9B): one line naming both, before weights load."""
     names = {"mistral3": "Mistral Small 3", "qwen3": "Qwen3"}
@@ -199,5 +203,5 @@ def check_text_encoder_fits(params: Flux2Params, kind: str, hidden: int, *, path
     if kind != want or 3 * hidden != params.context_in_dim:
         raise CheckpointError(
             f"{flag} {path}: a {names[kind]} encoder of width {hidden} gives {3 * hidden}-wide prompt embeddings, but "
-            f"this FLUX.2 {params.architecture} transformer takes {params.context_in_dim} ({names[want]}, width "
+            f"this {title or f'FLUX.2 {params.architecture}'} transformer takes {params.context_in_dim} ({names[want]}, width "
             f"{params.context_in_dim // 3}); pass the text encoder that belongs to the model", path=path, key=flag)
