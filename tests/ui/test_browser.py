@@ -90,6 +90,7 @@ def test_dataset_to_finished_run_in_a_browser(tiny_ckpts, tmp_path):
             page.goto(ui.url + "/#/datasets")
             page.fill("#ds-folder", str(folder))
             page.click("#ds-mkdir")
+            expect(page.locator("#ds-summary")).to_contain_text("0 images", timeout=T)
             page.set_input_files("#ds-upload", uploads)
             expect(page.locator(".card")).to_have_count(4, timeout=T)
             page.fill("#ds-res", "64")

@@ -129,9 +129,12 @@ async function loadDataset() {
   state.datasetFolder = s.path;
   const tomlPath = document.getElementById("ds-toml-path");
   if (tomlPath && !tomlPath.value) tomlPath.value = `${s.path.replace(/\/+$/, "")}.toml`;
+  // uploads, "Create folder" and "Open" may each ask at once: only the newest answer may draw the page
+  const ticket = state.datasetTicket = (state.datasetTicket || 0) + 1;
   let data;
   try { data = await api("GET", `/api/dataset?${q(s)}`); }
-  catch (err) { body.replaceChildren(notice(err.message, "error")); return; }
+  catch (err) { if (ticket === state.datasetTicket) body.replaceChildren(notice(err.message, "error")); return; }
+  if (ticket !== state.datasetTicket) return;
   const buckets = Object.entries(data.buckets).map(([b, n]) => `${b}: ${n}`).join(", ");
   const cards = data.images.map((img) => imageCard(img, data.caption_extension));
   body.replaceChildren(
