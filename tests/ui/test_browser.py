@@ -67,6 +67,12 @@ def _dump_state(page, shots: Path, servers) -> None:
             print("\n".join(server.output[-20:]))
 
 
+# the runs the UI launches get the step_delay fault through tests/reliability/fault_site/sitecustomize.py
+FAULT_SITE = Path(__file__).resolve().parents[1] / "reliability" / "fault_site"
+STEP_DELAY = {"FLUXLORA_TEST_FAULTS": "step_delay=1.0",
+              "PYTHONPATH": os.pathsep.join(p for p in (str(FAULT_SITE), os.environ.get("PYTHONPATH")) if p)}
+
+
 def test_dataset_to_finished_run_in_a_browser(tiny_ckpts, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -76,7 +82,7 @@ def test_dataset_to_finished_run_in_a_browser(tiny_ckpts, tmp_path):
     uploads = _write_uploads(tmp_path / "upload")
     folder, toml, out = root / "datasets" / "sks", root / "datasets" / "sks.toml", root / "outputs"
     # each optimizer step of the runs this UI starts sleeps 1 s, so the buttons are pressed while it trains
-    ui = start_ui([root], tmp_path / "state", env={"FLUXLORA_FAULT": "step_delay=1.0"})
+    ui = start_ui([root], tmp_path / "state", env=STEP_DELAY)
     second = None
     page = None
     try:
