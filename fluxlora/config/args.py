@@ -20,8 +20,9 @@ from fluxlora.errors import ConfigError
 # Our own flags (not in sd-scripts) and their defaults; sd-scripts has no such flags, so "sd-scripts' default" for
 # them is simply the value that reproduces sd-scripts' behaviour.
 FLUXLORA_FLAGS = (
-    "ignore_unsupported", "sd_scripts_defaults", "overwrite", "resume_force", "cache_dir", "fp8_scaled",
-    "max_nan_steps", "dry_run", "checkpoint_blocks", "text_encoder", "model_version", *(o.name for o in DATASET_OPTIONS if o.ours),
+    "ignore_unsupported", "strict", "sample_grid", "sd_scripts_defaults", "overwrite", "resume_force", "cache_dir",
+    "fp8_scaled", "max_nan_steps", "dry_run", "checkpoint_blocks", "text_encoder", "model_version",
+    *(o.name for o in DATASET_OPTIONS if o.ours),
 )
 
 
@@ -307,6 +308,8 @@ def _sampling_validation_logging_args(parser: FluxArgumentParser) -> None:
     add("sample_every_n_steps", type=int, help="sample every N steps")
     add("sample_every_n_epochs", type=int, help="sample every N epochs (overrides steps)")
     _flag(add, "sample_at_first", "sample before the first step")
+    _flag(add, "sample_grid", "(fluxlora) also write each event's samples side by side, labelled, to "
+          "<output_dir>/sample_grid/ (outside sample/, which GUIs scan)")
     add("sample_sampler", "ddim", type=str, help="ignored by FLUX (always the Euler flow sampler)",
         choices=["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
                  "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"])
@@ -333,7 +336,10 @@ def _config_and_fluxlora_args(parser: FluxArgumentParser) -> None:
     add("config_file", type=str, help="flattened TOML of flags (the command line wins)")
     _flag(add, "output_config", "write the given flags to --config_file and exit")
     add = _adder(parser, parser.add_argument_group("fluxlora"))
-    _flag(add, "ignore_unsupported", "warn instead of failing on flags that do nothing for FLUX")
+    _flag(add, "ignore_unsupported", "warn instead of failing on flags fluxlora does not implement (DeepSpeed, Hub "
+          "uploads, ...)")
+    _flag(add, "strict", "make settings that change nothing for FLUX (sd-scripts ignores them: noise_offset, "
+          "min_snr_gamma, clip_skip, ...) and unknown --config_file keys errors instead of warnings")
     _flag(add, "sd_scripts_defaults", "use sd-scripts' defaults exactly (see the start-up notes)")
     _flag(add, "overwrite", "allow replacing an existing LoRA of the same name in --output_dir")
     _flag(add, "resume_force", "resume even if the state does not match the current settings")

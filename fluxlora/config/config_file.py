@@ -1,8 +1,10 @@
 """`--config_file` (flattened TOML of flags, the command line wins) and `--output_config` (write one).
 
-As in sd-scripts: table names are discarded, every key must be a flag name without `--`, and a path without the
-`.toml` suffix gets it added. Unlike sd-scripts, unknown keys, duplicated keys and wrongly typed values are errors
-that name the key and the file, and `--output_config` never overwrites a file.
+Read as sd-scripts reads it: table names are discarded, keys are flag names without `--`, a path without the `.toml`
+suffix gets it added, a key that is no flag changes nothing. So a GUI's own bookkeeping keys (`gui_keys.GUI_KEYS`)
+are accepted silently, accelerate's spellings of values are understood (`dynamo_backend = "no"`), and any other
+unknown key is a warning with a did-you-mean — an error with `--strict`. Unlike sd-scripts, duplicated keys and
+wrongly typed values are errors that name the key and the file, and `--output_config` never overwrites a file.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fluxlora.config.args import FluxArgumentParser, build_parser, flag_actions, parse_given
+from fluxlora.config.gui_keys import GUI_KEYS, MOVED_KEYS, accelerate_value
+from fluxlora.config.unsupported import IGNORED_FOR_FLUX
 from fluxlora.errors import ConfigError
 
 # Never written by --output_config: they describe the run of the writer itself, or are secrets.
@@ -71,11 +75,20 @@ def _coerce_scalar(action: argparse.Action, value: Any) -> Any:
 
 
 def coerce_config_value(action: argparse.Action, value: Any) -> Any:
-    """A --config_file value as the flag's parsed value; raises ValueError with the reason."""
+    """A --config_file value as the flag's parsed value; raises ValueError with the reason.
+
+    sd-scripts sets the raw value on its namespace, so a switch also takes 0 / 1 (GUIs write integers), and
+    accelerate's spellings of a value (`gui_keys.ACCELERATE_SPELLINGS`) are taken as they are.
+    """
     if action.nargs == 0:  # store_true
+        if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+            value = bool(value)
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {value!r}")
         return True if value else None  # false is the flag's absence
+    spelled, value = accelerate_value(action.dest, value)
+    if spelled:
+        return value
     if action.dest == "resolution" and isinstance(value, list) and len(value) == 2:
         value = f"{value[0]},{value[1]}"
     if action.nargs in ("*", "+"):
@@ -86,14 +99,33 @@ def coerce_config_value(action: argparse.Action, value: Any) -> Any:
     else:
         result = _coerce_scalar(action, value)
     for item in result if isinstance(result, list) else [result]:
-        if action.choices is not None and item not in action.choices:
+        if action.choices is not None and item not in action.choices and action.dest not in IGNORED_FOR_FLUX:
             allowed = ", ".join(str(c) for c in action.choices if c is not None)
             raise ValueError(f"{item!r} is not one of {allowed}")
     return result
 
 
-def load_config_file(value: str | Path, parser: FluxArgumentParser | None = None) -> dict[str, Any]:
-    """Read a --config_file TOML into {flag dest: parsed value}, reporting every problem in one ConfigError."""
+class ConfigFile(NamedTuple):
+    """What a --config_file holds: the flag values, and the keys that are no flag (with a hint each)."""
+
+    values: dict[str, Any]
+    unknown: list[str]  # "unknown key epochs (did you mean ...?)": warnings, errors under --strict
+
+
+def _unknown_key(key: str, known: list[str]) -> str:
+    if key in MOVED_KEYS:
+        return f"unknown key {key}: it is no flag of flux_train_network.py; write {MOVED_KEYS[key]} instead"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "keys are flag names without --"
+    return f"unknown key {key} ({hint})"
+
+
+def read_config_file(value: str | Path, parser: FluxArgumentParser | None = None) -> ConfigFile:
+    """Read a --config_file TOML into {flag dest: parsed value} plus its unknown keys.
+
+    Keys GUIs are known to write (`gui_keys.GUI_KEYS`) are dropped silently. A malformed file, a duplicated key,
+    a wrongly typed value or a key that sets the config file itself is a ConfigError listing every such problem.
+    """
     path = config_path(value)
     if not path.is_file():
         raise ConfigError(f"--config_file {path} does not exist; check the path", path=path, key="--config_file")
@@ -104,28 +136,34 @@ def load_config_file(value: str | Path, parser: FluxArgumentParser | None = None
     flat, problems = _flatten(data, path)
     actions = flag_actions(parser or build_parser())
     values: dict[str, Any] = {}
+    unknown: list[str] = []
     first_key = None
     for key, item in flat.items():
-        if key not in actions:
-            close = difflib.get_close_matches(key, list(actions), n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]}?" if close else "keys must be flag names without --"
-            problems.append(f"unknown key {key}: {hint}")
-        elif key in ("config_file", "output_config"):
-            problems.append(f"{key} cannot be set inside a config file")
-        else:
-            try:
-                coerced = coerce_config_value(actions[key], item)
-            except ValueError as err:
-                problems.append(f"{key}: {err}")
-                first_key = first_key or key
-                continue
-            if coerced is not None:
-                values[key] = coerced
+        if key in GUI_KEYS:
             continue
-        first_key = first_key or key
+        if key not in actions:
+            unknown.append(_unknown_key(key, list(actions)))
+            continue
+        if key in ("config_file", "output_config"):
+            problems.append(f"{key} cannot be set inside a config file")
+            first_key = first_key or key
+            continue
+        try:
+            coerced = coerce_config_value(actions[key], item)
+        except ValueError as err:
+            problems.append(f"{key}: {err}")
+            first_key = first_key or key
+            continue
+        if coerced is not None:
+            values[key] = coerced
     if problems:
         raise ConfigError(f"--config_file {path}: " + "; ".join(problems), path=path, key=first_key)
-    return values
+    return ConfigFile(values, [f"--config_file {path}: {u}" for u in unknown])
+
+
+def load_config_file(value: str | Path, parser: FluxArgumentParser | None = None) -> dict[str, Any]:
+    """The flag values of a --config_file (see `read_config_file`; its unknown keys are left to the caller)."""
+    return read_config_file(value, parser).values
 
 
 def _toml_value(value: Any) -> str:

@@ -41,24 +41,16 @@ MOVED_KEYS: dict[str, str] = {
     "loraplus_text_encoder_lr_ratio": 'network_args = ["loraplus_text_encoder_lr_ratio=..."]',
 }
 
-# Flag values accelerate (and so the GUIs that write its settings) spells differently: dest -> {value: ours}.
-# None means "not given". `dynamo_backend = "no"` is accelerate's "no compilation" (kohya_ss writes it every run);
-# sd-scripts only reads --dynamo_backend with --torch_compile.
-ACCELERATE_SPELLINGS: dict[str, dict[str, str | None]] = {
-    "dynamo_backend": {"no": None},
-}
+# Values accelerate (and so the GUIs that write its settings) gives a flag that the flag's choices lack:
+# `dynamo_backend = "no"` is accelerate's "no compilation" (kohya_ss writes it every run). sd-scripts compiles only with
+# --torch_compile and then hands this value to accelerate, so "no" means no compilation either way.
+ACCELERATE_VALUES: dict[str, tuple[str, ...]] = {"dynamo_backend": ("no",)}
 
 
 def accelerate_value(dest: str, value: object) -> tuple[bool, object]:
-    """(True, our value) when `value` is accelerate's spelling of a value of flag `dest`, else (False, value).
-
-    Backend names are also matched case-insensitively (accelerate's config writes them upper-case)."""
-    spellings = ACCELERATE_SPELLINGS.get(dest)
-    if spellings is None or not isinstance(value, str):
+    """(True, value) when `value` is accelerate's spelling of a value of flag `dest` that is no choice of the flag;
+    else (False, value), lower-cased for those flags (accelerate writes backend names upper-case)."""
+    if dest not in ACCELERATE_VALUES or not isinstance(value, str):
         return False, value
     key = value.strip().lower()
-    if key in spellings:
-        return True, spellings[key]
-    if key != value:
-        return True, key
-    return False, value
+    return key in ACCELERATE_VALUES[dest], key

@@ -17,18 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from fluxlora.config.args import build_parser, parse_given
-from fluxlora.config.config_file import load_config_file
+from fluxlora.config.config_file import read_config_file
 from fluxlora.config.dataset_options import DatasetFlags
 from fluxlora.config.defaults import differing_defaults, effective_defaults, format_differences
 from fluxlora.config.network_args import NetworkArgs
 from fluxlora.config.optim_specs import OptimizerSpec, SchedulerSpec
-from fluxlora.config.unsupported import check_unsupported
+from fluxlora.config.unsupported import check_unsupported, ignored_block
 from fluxlora.config.validate import check_caching_conflicts, derive, validate
 from fluxlora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DatasetFlags", "TrainConfig", "check_caching_conflicts", "describe_differences", "parse_train_config"]
+__all__ = ["DatasetFlags", "TrainConfig", "check_caching_conflicts", "describe_differences", "parse_train_config",
+           "startup_report"]
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,7 @@ class SamplingSettings:
     sample_every_n_steps: int | None  # <= 0 is resolved to None (disabled), as in sd-scripts
     sample_every_n_epochs: int | None
     sample_at_first: bool
+    sample_grid: bool  # also write a labelled grid per event to <output_dir>/sample_grid/
 
 
 @dataclass(frozen=True)
@@ -253,8 +255,11 @@ class TrainConfig:
     explicit: frozenset[str]
     sd_scripts_defaults: bool
     ignore_unsupported: bool
+    strict: bool  # settings that change nothing (sd-scripts ignores them) and unknown config keys are errors
     config_file: Path | None
-    notes: tuple[str, ...]  # warnings and notes found while validating (already logged)
+    ignored: tuple[str, ...]  # settings that change nothing in this run, one line each (the start-up block)
+    warnings: tuple[str, ...]  # found while validating
+    notes: tuple[str, ...]  # the warnings and the informational notes found while validating
 
     def flat(self) -> dict[str, Any]:
         """{flag name: value} over every group (for metadata, --log_config and tests)."""
@@ -285,40 +290,61 @@ def _build(values: dict[str, Any], **top: Any) -> TrainConfig:
 def parse_train_config(argv: Sequence[str]) -> TrainConfig:
     """Parse the training command line (merged with --config_file) into a validated, frozen TrainConfig.
 
-    Every problem found is reported together in one ConfigError; warnings and notes are logged once and kept in
-    `cfg.notes`. `--output_config` is handled before this by `config_file.maybe_write_output_config`.
+    Every problem found is reported together in one ConfigError. Nothing is logged here: the settings that change
+    nothing, the warnings and the notes are kept in the config for `startup_report` (the command line logs them
+    once logging is set up). `--output_config` is handled before this by `config_file.maybe_write_output_config`.
     """
     parser = build_parser()
     given = parse_given(argv, parser)
     if given.get("output_config"):
         raise ConfigError("--output_config writes a file and exits; call maybe_write_output_config(argv) first",
                           key="--output_config")
+    unknown: list[str] = []
     if "config_file" in given:
-        from_file = load_config_file(given["config_file"], parser)
-        given = {**from_file, **given}  # the command line wins
-    errors, warnings, notes = check_unsupported(given, parser.sd_defaults,
-                                                ignore=bool(given.get("ignore_unsupported")))
+        from_file = read_config_file(given["config_file"], parser)
+        given = {**from_file.values, **given}  # the command line wins
+        unknown = from_file.unknown
+    strict = bool(given.get("strict"))
+    verdict = check_unsupported(given, parser.sd_defaults, ignore=bool(given.get("ignore_unsupported")),
+                                strict=strict)
+    errors = list(verdict.errors)
+    if strict:
+        errors += [f"{u}; remove it, or drop --strict to train with a warning" for u in unknown]
+        ignored = verdict.ignored
+    else:
+        ignored = [*unknown, *verdict.ignored]
     defaults = effective_defaults(parser.sd_defaults, sd_scripts_defaults=bool(given.get("sd_scripts_defaults")))
     values = {**defaults, **given}
     derived, derive_errors, derive_notes = derive(values, given)
-    problems, more_warnings, more_notes = validate(derived, given)
+    problems, warnings, more_notes = validate(derived, given)
     errors += derive_errors + problems
-    warnings += more_warnings
-    notes += derive_notes + more_notes
+    warnings = verdict.warnings + warnings
+    notes = verdict.notes + derive_notes + more_notes
     if errors:
         raise ConfigError(_join(errors), key=_first_flag(errors))
-    for message in warnings:
-        logger.warning(message)
-    for message in notes:
-        logger.info(message)
     return _build(
         derived,
         explicit=frozenset(given),
         sd_scripts_defaults=bool(values["sd_scripts_defaults"]),
         ignore_unsupported=bool(values["ignore_unsupported"]),
+        strict=strict,
         config_file=Path(given["config_file"]) if "config_file" in given else None,
+        ignored=tuple(ignored),
+        warnings=tuple(warnings),
         notes=tuple(warnings + notes),
     )
+
+
+def startup_report(cfg: TrainConfig) -> list[tuple[int, str]]:
+    """(logging level, text) of what the start of a run says about its settings, in order: one warning block with
+    every setting that changes nothing, the warnings, the notes, and the defaults that differ from sd-scripts'."""
+    report = [(logging.WARNING, ignored_block(cfg.ignored))] if cfg.ignored else []
+    report += [(logging.WARNING, w) for w in cfg.warnings]
+    report += [(logging.INFO, n) for n in cfg.notes if n not in cfg.warnings]
+    differences = describe_differences(cfg)
+    if differences:
+        report.append((logging.INFO, differences))
+    return report
 
 
 def _join(problems: list[str]) -> str:

@@ -1,18 +1,24 @@
-"""Flags sd-scripts accepts that mean nothing for FLUX or that fluxlora does not implement (spec §12.4).
+"""Flags sd-scripts accepts that mean nothing for FLUX, and flags fluxlora does not implement (spec §12.4).
 
-sd-scripts parses these and silently ignores most of them. fluxlora rejects a flag that is *active* (given with a
-value that would change something) with the reason, unless `--ignore_unsupported` turns the rejection into a
-warning. A flag left at its neutral value (False, 0, empty, sd-scripts' default) is accepted: GUI-written config
-files list every flag, e.g. `noise_offset = 0`.
+Three kinds, each with the reason shown to the user:
+- `IGNORED_FOR_FLUX`: sd-scripts accepts them and ignores them for FLUX. Given at a value that would change something
+  they are listed in one warning block at start and the run goes on, as in sd-scripts; `--strict` makes them errors.
+- `NOT_IMPLEMENTED`: sd-scripts does something with them that fluxlora does not (DeepSpeed, Hub uploads, ...), or
+  sd-scripts itself refuses them for FLUX (`--weighted_captions`). An error, because the run would not be the one
+  asked for; `--ignore_unsupported` turns it into a warning.
+- `HARMLESS`: accepted with a note (the guide's own command line uses `--sdpa`).
+
+A flag at its neutral value (not given, False, 0, empty, sd-scripts' default or a value of `NEUTRAL`) is silent: GUIs
+write every field of their form, e.g. `clip_skip = 1`, `max_timestep = 1000`, `noise_offset = 0`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-_NOISE_OFFSET = "has no effect on FLUX: rectified flow has no noise offset (sd-scripts ignores it silently)"
-_MULTIRES = "has no effect on FLUX: multires noise is a Stable Diffusion ε-prediction trick sd-scripts never applies to FLUX"
+_NOISE_OFFSET = "has no effect on FLUX: rectified flow has no noise offset"
+_MULTIRES = "has no effect on FLUX: multires noise is a Stable Diffusion ε-prediction trick"
 _SNR = ("has no effect on FLUX: SNR-based weighting needs a DDPM noise schedule; weight noise levels with "
         "--weighting_scheme / --timestep_sampling instead")
 _VPRED = "is a Stable Diffusion v-prediction option; FLUX predicts a flow velocity"
@@ -20,8 +26,8 @@ _DEEPSPEED = ("is not supported (DeepSpeed); fit memory with --blocks_to_swap, -
               "and use `accelerate launch` (DDP) for several GPUs")
 _HUB = "is not supported: fluxlora does not upload to the Hugging Face Hub; upload the files in --output_dir yourself"
 
-# dest -> why it is rejected
-UNSUPPORTED: dict[str, str] = {
+# dest -> why it changes nothing for FLUX (sd-scripts accepts it and ignores it too)
+IGNORED_FOR_FLUX: dict[str, str] = {
     "noise_offset": _NOISE_OFFSET,
     "noise_offset_random_strength": _NOISE_OFFSET,
     "adaptive_noise_scale": _NOISE_OFFSET,
@@ -33,18 +39,21 @@ UNSUPPORTED: dict[str, str] = {
     "v_pred_like_loss": _VPRED,
     "v_parameterization": _VPRED,
     "zero_terminal_snr": "has no effect on FLUX: the flow schedule already reaches pure noise at σ = 1",
-    "min_timestep": "has no effect on FLUX in sd-scripts (only written to metadata); fluxlora has no timestep range",
-    "max_timestep": "has no effect on FLUX in sd-scripts (only written to metadata); fluxlora has no timestep range",
+    "min_timestep": "has no effect on FLUX (sd-scripts only writes it to the metadata)",
+    "max_timestep": "has no effect on FLUX (sd-scripts only writes it to the metadata)",
     "v2": "is a Stable Diffusion 2 option; FLUX is detected from --pretrained_model_name_or_path",
     "clip_skip": "does not apply to FLUX: only CLIP-L's pooled output is used",
     "max_token_length": "is a Stable Diffusion 1/2 option; use --t5xxl_max_token_length for FLUX",
     "vae": "is a Stable Diffusion option; FLUX's autoencoder is given with --ae",
     "sample_sampler": "has no effect on FLUX: samples always use the Euler flow-matching sampler",
     "controlnet_model_name_or_path": "is not used by LoRA training (only by sd-scripts' ControlNet trainer)",
-    "conditioning_data_dir": ("is ignored by sd-scripts on the command line; set conditioning_data_dir per subset in "
-                              "the dataset TOML (with --masked_loss)"),
-    "weighted_captions": "is not supported by the FLUX tokenizers (sd-scripts raises NotImplementedError)",
+    "conditioning_data_dir": "is ignored on the command line; set conditioning_data_dir per subset in the dataset TOML",
     "fused_backward_pass": "has no effect on LoRA training (sd-scripts only checks its preconditions)",
+}
+
+# dest -> why fluxlora refuses it
+NOT_IMPLEMENTED: dict[str, str] = {
+    "weighted_captions": "is not supported by the FLUX tokenizers (sd-scripts raises NotImplementedError too)",
     "deepspeed": _DEEPSPEED,
     "zero_stage": _DEEPSPEED,
     "offload_optimizer_device": _DEEPSPEED,
@@ -67,6 +76,10 @@ UNSUPPORTED: dict[str, str] = {
     "debug_dataset": "is not supported (sd-scripts' interactive dataset viewer); use --dry_run to check the dataset",
 }
 
+# Values that mean "off" besides None / False / 0 / empty / sd-scripts' default: clip_skip 1 uses CLIP's last
+# layer (no skip), max_timestep 1000 is the whole range.
+NEUTRAL: dict[str, tuple[Any, ...]] = {"clip_skip": (1,), "max_timestep": (1000,)}
+
 # Accepted with a note: the guide's own command line uses --sdpa.
 HARMLESS: dict[str, str] = {
     name: "accepted and not needed: FLUX always uses PyTorch's scaled_dot_product_attention"
@@ -74,34 +87,60 @@ HARMLESS: dict[str, str] = {
 }
 
 
-def is_active(value: Any, sd_default: Any) -> bool:
-    """True when a value would change something: not None/False/0/empty and not sd-scripts' default."""
-    if value is None or value is False or value == sd_default:
+def is_active(value: Any, sd_default: Any, neutral: tuple[Any, ...] = ()) -> bool:
+    """True when a value would change something: not None/False/0/empty, not sd-scripts' default, not neutral."""
+    if value is None or value is False or value == sd_default or value in neutral:
         return False
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
         return False
     return not (isinstance(value, (str, list, tuple)) and len(value) == 0)
 
 
-def check_unsupported(
-    given: Mapping[str, Any], sd_defaults: Mapping[str, Any], *, ignore: bool
-) -> tuple[list[str], list[str], list[str]]:
-    """Sort the given flags into (errors, warnings, notes) by the tables above.
+class Unsupported(NamedTuple):
+    """The sorted verdicts on the given flags."""
 
-    `given` holds only flags from the command line or config file. With `ignore`, rejections become warnings.
+    errors: list[str]
+    ignored: list[str]  # one line per option that changes nothing for FLUX (the start-up warning block)
+    warnings: list[str]
+    notes: list[str]
+
+
+def _shown(dest: str, value: Any) -> str:
+    return f"--{dest}" if value is True else f"--{dest} {value}"
+
+
+def check_unsupported(given: Mapping[str, Any], sd_defaults: Mapping[str, Any], *, ignore: bool,
+                      strict: bool) -> Unsupported:
+    """Sort the given flags (command line or config file) by the tables above.
+
+    `strict` turns options sd-scripts ignores for FLUX into errors; `ignore` turns refused ones into warnings.
     """
-    errors: list[str] = []
-    warnings: list[str] = []
-    notes: list[str] = []
+    out = Unsupported([], [], [], [])
     for dest, value in given.items():
-        if dest in UNSUPPORTED and is_active(value, sd_defaults.get(dest)):
-            shown = "" if value is True else f" {value}"
-            if ignore:
-                warnings.append(f"--{dest}{shown} is ignored (--ignore_unsupported): it {UNSUPPORTED[dest]}")
+        if not is_active(value, sd_defaults.get(dest), NEUTRAL.get(dest, ())):
+            continue
+        if dest in IGNORED_FOR_FLUX:
+            if strict:
+                out.errors.append(f"{_shown(dest, value)} {IGNORED_FOR_FLUX[dest]} (sd-scripts ignores it for FLUX "
+                                  "too); remove it, or drop --strict to train with a warning")
             else:
-                errors.append(
-                    f"--{dest}{shown} {UNSUPPORTED[dest]}; remove it (or pass --ignore_unsupported to continue anyway)"
-                )
-        elif dest in HARMLESS and value:
-            notes.append(f"--{dest} {HARMLESS[dest]}")
-    return errors, warnings, notes
+                out.ignored.append(f"{_shown(dest, value)}: {IGNORED_FOR_FLUX[dest]}")
+        elif dest in NOT_IMPLEMENTED:
+            if ignore:
+                out.warnings.append(f"{_shown(dest, value)} is ignored (--ignore_unsupported): it "
+                                    f"{NOT_IMPLEMENTED[dest]}")
+            else:
+                out.errors.append(f"{_shown(dest, value)} {NOT_IMPLEMENTED[dest]}; remove it (or pass "
+                                  "--ignore_unsupported to continue without it)")
+        elif dest in HARMLESS:
+            out.notes.append(f"--{dest} {HARMLESS[dest]}")
+    return out
+
+
+def ignored_block(lines: list[str] | tuple[str, ...]) -> str:
+    """The start-up warning block: every setting that changes nothing, one per line; '' when there is none."""
+    if not lines:
+        return ""
+    head = (f"{len(lines)} setting(s) change nothing for FLUX (sd-scripts ignores them too; the run goes on; "
+            "--strict makes them errors):")
+    return "\n".join([head, *(f"  {line}" for line in lines)])

@@ -92,6 +92,11 @@ def derive(values: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[dict[st
             d["blocks_to_swap"] = 18
             notes.append("--split_mode is deprecated: using --blocks_to_swap 18 instead")
     d["blocks_to_swap"] = d["blocks_to_swap"] or 0
+    if d["dynamo_backend"] == "no":  # accelerate's "no compilation" (from a --config_file): no torch.compile
+        if d["torch_compile"]:
+            notes.append("--torch_compile is off: dynamo_backend = \"no\" means no compilation (accelerate, "
+                         "sd-scripts)")
+        d["torch_compile"] = False
     d["optimizer_type"] = _optimizer_name(d, errors)
     d["network_module"] = d["network_module"] or NETWORK_MODULES[0]
     d["network_dim"] = 4 if d["network_dim"] is None else d["network_dim"]
@@ -290,9 +295,9 @@ def _check_numbers(d: Mapping[str, Any], given: Mapping[str, Any], errors: list[
     length = d["t5xxl_max_token_length"]
     if length is not None and not 1 <= length <= 512:
         errors.append(f"--t5xxl_max_token_length {length} must be between 1 and 512")
-    if d["huber_schedule"] == "snr" and ("huber_schedule" in given or d["loss_type"] in ("huber", "smooth_l1")):
-        errors.append("--huber_schedule snr needs a DDPM noise schedule and fails with FLUX's flow matching "
-                      "(sd-scripts raises too); use constant or exponential")
+    if d["huber_schedule"] == "snr" and d["loss_type"] in ("huber", "smooth_l1"):  # l1/l2 never read it
+        errors.append(f"--huber_schedule snr needs a DDPM noise schedule and fails with FLUX's flow matching "
+                      f"(sd-scripts raises too) for --loss_type {d['loss_type']}; use constant or exponential")
 
 
 def _check_schedules(d: Mapping[str, Any], errors: list[str]) -> None:

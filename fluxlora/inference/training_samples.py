@@ -1,11 +1,14 @@
-"""Sample images during training (spec §8): when, where, with which RNG, plus a labelled grid and tracker logging.
+r"""Sample images during training (spec §8): when, where, with which RNG, plus a labelled grid and tracker logging.
 
 - When: `sampling_due` — before the first step with `--sample_at_first`, after every `--sample_every_n_steps`
   optimizer steps, or at the end of every `--sample_every_n_epochs` epochs (which then replaces the step rule).
-- Files: `<output_dir>/sample/{output_name_}{eNNNNNN | NNNNNN}_{idx:02d}_{YYYYmmddHHMMSS}_{seed}.png` (`e` + epoch for
-  epoch-end and first samples, else the global step), and `{output_name_}{eNNNNNN | NNNNNN}_{YYYYmmddHHMMSS}_grid.png`
-  holding every prompt of the event side by side, labelled. The seed actually used is always in the name (a prompt
-  without a seed gets a fresh one), so every sample can be regenerated.
+- Files, named exactly as sd-scripts names them (GUIs parse these names: fluxgym's gallery and model card read
+  `_(\d+)_(\d+)_(\d+)\.png$` as step, prompt index, time stamp):
+  `<output_dir>/sample/{output_name_}{eNNNNNN | NNNNNN}_{idx:02d}_{YYYYmmddHHMMSS}{_seed}.png` — `e` + epoch for
+  epoch-end and first samples, else the global step; `_{seed}` only when the prompt sets one (`--d`). The seed
+  actually used is in the PNG's text chunks either way, so every sample can be regenerated.
+- With `--sample_grid`, also `<output_dir>/sample_grid/{output_name_}{eNNNNNN | NNNNNN}_{YYYYmmddHHMMSS}_grid.png`
+  holding every prompt of the event side by side, labelled: outside `sample/`, where GUI galleries would show it.
 - Sampling never changes the training trajectory: noise comes from its own generator, seeds without a value come from
   the OS, CPU/CUDA/python/numpy RNG states are saved and restored anyway, and every module's train/eval flag is put
   back exactly as it was.
@@ -38,6 +41,7 @@ from fluxlora.inference.sampler import EncodeFn, encode_texts, generate_images, 
 logger = logging.getLogger(__name__)
 
 SAMPLE_FOLDER = "sample"
+GRID_FOLDER = "sample_grid"
 LABEL_LINES = 3
 LINE_HEIGHT = 12
 CHAR_WIDTH = 6  # of PIL's default bitmap font
@@ -72,16 +76,18 @@ def _prefix(output_name: str | None, *, step: int, epoch: int | None) -> str:
 
 
 def sample_image_path(output_dir: str | Path, output_name: str | None, *, step: int, epoch: int | None, index: int,
-                      seed: int, timestamp: str) -> Path:
-    """`<output_dir>/sample/{output_name_}{eNNNNNN | NNNNNN}_{index:02d}_{timestamp}_{seed}.png`."""
-    stem = f"{_prefix(output_name, step=step, epoch=epoch)}_{index:02d}_{timestamp}_{seed}"
+                      seed: int | None, timestamp: str) -> Path:
+    """`<output_dir>/sample/{output_name_}{eNNNNNN | NNNNNN}_{index:02d}_{timestamp}{_seed}.png` (sd-scripts' name;
+    `seed` is the prompt's own seed, None when it sets none)."""
+    suffix = "" if seed is None else f"_{seed}"
+    stem = f"{_prefix(output_name, step=step, epoch=epoch)}_{index:02d}_{timestamp}{suffix}"
     return Path(output_dir) / SAMPLE_FOLDER / f"{stem}.png"
 
 
 def sample_grid_path(output_dir: str | Path, output_name: str | None, *, step: int, epoch: int | None,
                      timestamp: str) -> Path:
-    """`<output_dir>/sample/{output_name_}{eNNNNNN | NNNNNN}_{timestamp}_grid.png`."""
-    return Path(output_dir) / SAMPLE_FOLDER / f"{_prefix(output_name, step=step, epoch=epoch)}_{timestamp}_grid.png"
+    """`<output_dir>/sample_grid/{output_name_}{eNNNNNN | NNNNNN}_{timestamp}_grid.png`."""
+    return Path(output_dir) / GRID_FOLDER / f"{_prefix(output_name, step=step, epoch=epoch)}_{timestamp}_grid.png"
 
 
 # ------------------------------------------------------------------------------------ state keeping
@@ -252,8 +258,10 @@ def sample_during_training(
     now: datetime | None = None,
     progress: bool = False,
     gather: Callable[[Any], list[Any]] | None = None,
+    grid: bool = False,
 ) -> list[Path]:
-    """Generate the sample images of one event, write them and the grid, log them; return the written paths.
+    """Generate the sample images of one event, write them (and the grid with `grid`), log them; return the
+    written paths.
 
     `epoch` is the finished epoch (or 0 before training) for epoch-named files, None for step-named ones. `modules`
     are the other modules to keep in eval mode while sampling (the LoRA network, text encoders); model and ae always
@@ -281,17 +289,20 @@ def sample_during_training(
         images = [image for _, image in pairs]
         num_processes = 1  # the grid holds every prompt: no rank suffix
     paths = []
-    for (index, _), image in zip(mine, images, strict=True):
-        path = sample_image_path(output_dir, output_name, step=step, epoch=epoch, index=index,
-                                 seed=int(image.info["seed"]), timestamp=timestamp)
+    for (index, prompt), image in zip(mine, images, strict=True):
+        path = sample_image_path(output_dir, output_name, step=step, epoch=epoch, index=index, seed=prompt.seed,
+                                 timestamp=timestamp)
         paths.append(save_png(image, path))
-    grid = make_grid(images, [label_for(index, image) for (index, _), image in zip(mine, images, strict=True)])
-    grid_path = sample_grid_path(output_dir, output_name, step=step, epoch=epoch, timestamp=timestamp)
-    if num_processes > 1:
-        grid_path = grid_path.with_name(grid_path.stem + f"_rank{process_index}.png")
-    paths.append(save_png(grid, grid_path))
+    labelled = None
+    if grid or tracker is not None:
+        labelled = make_grid(images, [label_for(index, image) for (index, _), image in zip(mine, images, strict=True)])
+    if grid and labelled is not None:
+        grid_path = sample_grid_path(output_dir, output_name, step=step, epoch=epoch, timestamp=timestamp)
+        if num_processes > 1:
+            grid_path = grid_path.with_name(grid_path.stem + f"_rank{process_index}.png")
+        paths.append(save_png(labelled, grid_path))
     if tracker is not None:
         logged = {f"sample_{index}": image for (index, _), image in zip(mine, images, strict=True)}
-        logged["sample_grid"] = grid
+        logged["sample_grid"] = labelled
         tracker(logged, step)
     return paths

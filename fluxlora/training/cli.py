@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from fluxlora.config.config_file import maybe_write_output_config
-from fluxlora.config.train_config import TrainConfig, describe_differences, parse_train_config
+from fluxlora.config.train_config import TrainConfig, parse_train_config, startup_report
 from fluxlora.errors import guarded
 from fluxlora.files import remove_stale_temp_files
 from fluxlora.training.plan import RunPlan, build_plan
@@ -34,9 +34,8 @@ def prepare(argv: list[str], *, configure_logging: bool = False) -> RunPlan | No
     cfg = parse_train_config(argv)
     if configure_logging:  # the command line owns the process's logging; library callers keep theirs
         _configure_logging(cfg)
-    block = describe_differences(cfg)
-    if block:
-        logger.info("%s", block)
+    for level, text in startup_report(cfg):  # after logging is set up: also in --console_log_file
+        logger.log(level, "%s", text)
     plan = build_plan(cfg)
     for line in plan.memory_lines():
         logger.info("%s", line)

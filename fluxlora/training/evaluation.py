@@ -88,6 +88,7 @@ def sample_images(run: Run, *, epoch: int | None, step: int) -> None:
                 modules=[run.trainable.network, *models.text.modules.values()],
                 tracker=accelerate_image_logger(procs.accelerator) if cfg.logging.log_with else None,
                 process_index=procs.index, num_processes=procs.count, gather=procs.gather_objects,
+                grid=cfg.sampling.sample_grid,  # cfg: the grid only on request (GUIs scan sample/)
             )
     finally:
         ae.to(home)

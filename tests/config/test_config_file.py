@@ -97,7 +97,6 @@ flip_aug = true
 
 def test_every_problem_is_reported_with_its_key(tmp_path):
     path = _write(tmp_path, '''
-network_dimm = 16
 network_dim = 1.5
 cache_latents = "yes"
 mixed_precision = "fp32"
@@ -109,13 +108,12 @@ seed = 2
     with pytest.raises(ConfigError) as err:
         load_config_file(path)
     message = str(err.value)
-    assert "unknown key network_dimm: did you mean network_dim?" in message
     assert "network_dim: expected an integer" in message
     assert "cache_latents: expected true or false" in message
     assert "mixed_precision: 'fp32' is not one of no, fp16, bf16" in message
     assert "seed is set twice ([a] and [b])" in message
     assert str(path) in message and "\n" not in message
-    assert err.value.path == str(path) and err.value.key == "network_dimm"
+    assert err.value.path == str(path) and err.value.key == "network_dim"
 
 
 def test_nested_tables_and_self_reference_are_rejected(tmp_path):
@@ -132,11 +130,48 @@ def test_missing_or_broken_file(tmp_path):
         load_config_file(_write(tmp_path, "seed = = 1\n"))
 
 
-def test_unsupported_flag_in_config_file_is_rejected(tmp_path, paths):
-    config = _write(tmp_path, _model_table(paths) + "noise_offset = 0.05\n")
-    with pytest.raises(ConfigError, match="--noise_offset 0.05 has no effect on FLUX"):
-        parse_train_config(["--config_file", str(config), "--dataset_config", str(paths["dataset"]),
-                            "--output_dir", str(paths["out"])])
+def _parse(config: Path, paths, *extra: str):
+    return parse_train_config(["--config_file", str(config), "--dataset_config", str(paths["dataset"]),
+                               "--output_dir", str(paths["out"]), *extra])
+
+
+def test_gui_keys_and_accelerate_spellings_are_accepted_silently(tmp_path, paths):
+    """kohya_ss writes `epoch`, `noise_offset_type` and accelerate's `dynamo_backend = "no"` for every run, and
+    switches as 0/1; sd-scripts trains with that file, and so do we, without a word."""
+    config = _write(tmp_path, _model_table(paths) + '''epoch = 1
+noise_offset_type = "Original"
+dynamo_backend = "no"
+persistent_data_loader_workers = 1
+wandb_run_name = "my-run"
+''')
+    cfg = _parse(config, paths)
+    assert cfg.ignored == () and cfg.warnings == ()
+    assert cfg.memory.dynamo_backend == "no" and not cfg.memory.torch_compile
+    assert cfg.dataset_flags.persistent_data_loader_workers and cfg.logging.wandb_run_name == "my-run"
+    upper = _write(tmp_path, _model_table(paths) + 'dynamo_backend = "INDUCTOR"\n', "upper.toml")
+    assert _parse(upper, paths).memory.dynamo_backend == "inductor"
+    compiled = _write(tmp_path, _model_table(paths) + 'dynamo_backend = "no"\ntorch_compile = true\n', "c.toml")
+    cfg = _parse(compiled, paths)
+    assert not cfg.memory.torch_compile and any("no compilation" in n for n in cfg.notes)
+
+
+def test_unknown_config_key_is_a_warning_with_did_you_mean(tmp_path, paths):
+    config = _write(tmp_path, _model_table(paths) + "network_dimm = 16\nloraplus_lr_ratio = 4\n")
+    cfg = _parse(config, paths)
+    assert cfg.network.network_dim == 4  # the typo changed nothing, as in sd-scripts
+    ((typo, moved),) = [cfg.ignored]
+    assert str(config) in typo and "unknown key network_dimm (did you mean network_dim?)" in typo
+    assert 'network_args = ["loraplus_lr_ratio=..."]' in moved
+    with pytest.raises(ConfigError) as err:
+        _parse(config, paths, "--strict")
+    assert "network_dimm" in str(err.value) and "--strict" in str(err.value) and "2 problems" in str(err.value)
+
+
+def test_unknown_command_line_flag_stays_an_error(paths):
+    with pytest.raises(ConfigError, match="unknown flag --network_dimm: did you mean --network_dim"):
+        parse_train_config(["--pretrained_model_name_or_path", str(paths["flux"]), "--network_dimm", "16"])
+    with pytest.raises(ConfigError, match="unknown flag --epoch"):  # GUI keys are config-file bookkeeping only
+        parse_train_config(["--pretrained_model_name_or_path", str(paths["flux"]), "--epoch", "1"])
 
 
 def test_output_config_round_trip(tmp_path, paths):

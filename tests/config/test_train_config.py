@@ -15,7 +15,7 @@ from fluxlora.config.train_config import (
     describe_differences,
     parse_train_config,
 )
-from fluxlora.config.unsupported import UNSUPPORTED
+from fluxlora.config.unsupported import IGNORED_FOR_FLUX, NOT_IMPLEMENTED
 from fluxlora.errors import ConfigError
 
 
@@ -32,9 +32,8 @@ def guide_command(files) -> list[str]:
     ]
 
 
-def test_guide_command_line_parses(files, caplog):
-    with caplog.at_level(logging.INFO):
-        cfg = parse_train_config(guide_command(files))
+def test_guide_command_line_parses(files):
+    cfg = parse_train_config(guide_command(files))
     assert cfg.model.clip_l == files["clip_l"] and cfg.saving.output_dir == files["out"]
     assert cfg.saving.output_name == "my_flux_lora" and cfg.saving.save_model_as == "safetensors"
     assert (cfg.network.network_module, cfg.network.network_dim, cfg.network.network_alpha) == (
@@ -49,7 +48,7 @@ def test_guide_command_line_parses(files, caplog):
     assert any("fp16" in n and "bf16" in n for n in cfg.notes)  # the fp16 warning
     assert any(n.startswith("--sdpa") for n in cfg.notes)  # accepted with a note
     assert any("CLIP-L runs every step" in n for n in cfg.notes)
-    assert "overflow in fp16" in caplog.text
+    assert "overflow in fp16" in cfg.warnings[0] and cfg.ignored == ()  # the guide's command changes nothing
 
 
 def test_config_is_frozen_and_flat_uses_flag_names(base):
@@ -111,25 +110,57 @@ def _active_argv(dest: str) -> list[str]:
     return [f"--{dest}", value]
 
 
-@pytest.mark.parametrize("dest", sorted(UNSUPPORTED))
-def test_unsupported_flag_is_rejected_with_reason(base, dest):
+@pytest.mark.parametrize("dest", sorted(IGNORED_FOR_FLUX))
+def test_options_sd_scripts_ignores_for_flux_warn_and_strict_refuses(base, dest):
+    cfg = parse_train_config(base + _active_argv(dest))
+    (line,) = cfg.ignored
+    assert line.startswith(f"--{dest}") and IGNORED_FOR_FLUX[dest] in line
+    with pytest.raises(ConfigError) as err:
+        parse_train_config(base + _active_argv(dest) + ["--strict"])
+    message = str(err.value)
+    assert f"--{dest}" in message and "sd-scripts ignores it for FLUX too" in message and "--strict" in message
+
+
+@pytest.mark.parametrize("dest", sorted(NOT_IMPLEMENTED))
+def test_options_fluxlora_does_not_implement_are_refused_with_reason(base, dest):
     with pytest.raises(ConfigError) as err:
         parse_train_config(base + _active_argv(dest))
     message = str(err.value)
-    assert f"--{dest}" in message and UNSUPPORTED[dest] in message and "--ignore_unsupported" in message
+    assert f"--{dest}" in message and NOT_IMPLEMENTED[dest] in message and "--ignore_unsupported" in message
     cfg = parse_train_config(base + _active_argv(dest) + ["--ignore_unsupported"])
-    assert any(n.startswith(f"--{dest}") and "ignored" in n for n in cfg.notes)
+    assert any(n.startswith(f"--{dest}") and "ignored" in n for n in cfg.notes) and cfg.ignored == ()
 
 
-def test_neutral_values_of_unsupported_flags_are_accepted(base):
+def test_neutral_values_are_silent(base):
+    """What GUIs write for every run: each option at the value that turns it off."""
     cfg = parse_train_config(base + ["--noise_offset", "0", "--min_snr_gamma", "0", "--sample_sampler", "ddim",
-                                     "--model_type", "flux", "--zero_stage", "2", "--multires_noise_discount", "0.3"])
-    assert cfg.notes == ()
+                                     "--model_type", "flux", "--zero_stage", "2", "--multires_noise_discount", "0.3",
+                                     "--clip_skip", "1", "--max_timestep", "1000", "--min_timestep", "0",
+                                     "--huber_schedule", "snr", "--loss_type", "l2", "--strict"])
+    assert cfg.notes == () and cfg.ignored == ()
+
+
+def test_kohya_values_warn_in_one_block_and_the_run_goes_on(base):
+    from fluxlora.config.train_config import startup_report
+
+    cfg = parse_train_config(base + ["--noise_offset", "0.05", "--min_snr_gamma", "7", "--sample_sampler", "euler"])
+    assert [line.split(":")[0] for line in cfg.ignored] == ["--noise_offset 0.05", "--min_snr_gamma 7.0",
+                                                            "--sample_sampler euler"]
+    ((level, block),) = [entry for entry in startup_report(cfg) if entry[1].startswith("3 setting")]
+    assert level == logging.WARNING and block.count("\n") == 3 and "sd-scripts ignores them too" in block
+
+
+def test_huber_schedule_is_only_checked_for_huber_losses(base):
+    assert parse_train_config(base + ["--huber_schedule", "snr"]).flow.huber_schedule == "snr"  # l2: never read
+    for loss in ("huber", "smooth_l1"):
+        with pytest.raises(ConfigError, match=f"--huber_schedule snr .* --loss_type {loss}"):
+            parse_train_config(base + ["--huber_schedule", "snr", "--loss_type", loss])
+    assert parse_train_config(base + ["--loss_type", "huber"]).flow.huber_schedule == "constant"  # our default
 
 
 def test_noise_offset_message_explains_flux(base):
-    with pytest.raises(ConfigError, match="rectified flow has no noise offset"):
-        parse_train_config(base + ["--noise_offset", "0.1"])
+    cfg = parse_train_config(base + ["--noise_offset", "0.1"])
+    assert "rectified flow has no noise offset" in cfg.ignored[0]
 
 
 @pytest.mark.parametrize("flag", ["--sdpa", "--xformers", "--mem_eff_attn"])
@@ -160,7 +191,6 @@ CONFLICTS = [
     (["--cache_latents_to_disk", "--random_crop"], ["--cache_latents", "--random_crop"]),
     (["--sample_every_n_steps", "100"], ["--sample_every_n_steps", "--sample_prompts"]),
     (["--sample_every_n_epochs", "1"], ["--sample_every_n_epochs", "--sample_prompts"]),
-    (["--huber_schedule", "snr"], ["--huber_schedule snr"]),
     (["--loss_type", "huber", "--sd_scripts_defaults"], ["--huber_schedule snr"]),
     (["--learning_rate", "0"], ["--learning_rate"]),
     (["--learning_rate", "-1e-4"], ["--learning_rate"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from datetime import datetime
 from types import SimpleNamespace
 
@@ -51,17 +52,33 @@ def test_sampling_due(step, epoch, n_steps, n_epochs, at_first, due):
                         at_first=at_first) is due
 
 
-@pytest.mark.parametrize("name, step, epoch, expected", [
-    (None, 120, None, "out/sample/000120_03_20250304050607_42.png"),
-    ("my_lora", 120, None, "out/sample/my_lora_000120_03_20250304050607_42.png"),
-    ("my_lora", 500, 2, "out/sample/my_lora_e000002_03_20250304050607_42.png"),
-    (None, 0, 0, "out/sample/e000000_03_20250304050607_42.png"),
+@pytest.mark.parametrize("name, step, epoch, seed, expected", [
+    (None, 120, None, None, "out/sample/000120_03_20250304050607.png"),
+    ("my_lora", 120, None, None, "out/sample/my_lora_000120_03_20250304050607.png"),
+    ("my-lora", 120, None, 42, "out/sample/my-lora_000120_03_20250304050607_42.png"),  # the prompt set --d 42
+    ("my_lora", 500, 2, None, "out/sample/my_lora_e000002_03_20250304050607.png"),
+    (None, 0, 0, 7, "out/sample/e000000_03_20250304050607_7.png"),
 ])
-def test_file_names_follow_sd_scripts(name, step, epoch, expected):
-    path = sample_image_path("out", name, step=step, epoch=epoch, index=3, seed=42, timestamp="20250304050607")
+def test_file_names_follow_sd_scripts(name, step, epoch, seed, expected):
+    """sd-scripts' `{output_name}_{step:06d}_{i:02d}_{YYYYmmddHHMMSS}{_seed}.png`, `_seed` only with `--d`; the
+    grid (on request) goes to sample_grid/, where GUI galleries do not look."""
+    path = sample_image_path("out", name, step=step, epoch=epoch, index=3, seed=seed, timestamp="20250304050607")
     assert path.as_posix() == expected
     grid = sample_grid_path("out", name, step=step, epoch=epoch, timestamp="20250304050607")
-    assert grid.as_posix() == expected.replace("_03_", "_").replace("_42.png", "_grid.png")
+    stem = expected.replace("_03_", "_").removesuffix(f"_{seed}.png" if seed is not None else ".png")
+    assert grid.as_posix() == stem.replace("/sample/", "/sample_grid/") + "_grid.png"
+
+
+FLUXGYM_SAMPLE_NAME = re.compile(r"_(\d+)_(\d+)_(\d+)\.png$")  # fluxgym app.py: step, prompt index, time stamp
+
+
+def test_fluxgym_reads_the_step_of_a_prompt_without_a_seed():
+    """fluxgym's model card sorts samples by the first number; for prompts without --d (fluxgym pre-fills the
+    trigger word) it is the real step. With --d sd-scripts appends the seed and fluxgym misreads — as with sd-scripts."""
+    for step in (1, 37, 120, 1600):
+        path = sample_image_path("out", "my-lora", step=step, epoch=None, index=2, seed=None, timestamp="20260101120000")
+        match = FLUXGYM_SAMPLE_NAME.search(path.name)
+        assert match and tuple(int(g) for g in match.groups()) == (step, 2, 20260101120000)
 
 
 def test_sample_event_writes_images_grid_and_logs(tiny_models, tmp_path):
@@ -70,9 +87,10 @@ def test_sample_event_writes_images_grid_and_logs(tiny_models, tmp_path):
         family=FLUX1, info=tiny_models.info["dev"], model=tiny_models.flux["dev"], ae=tiny_models.ae,
         encode_fn=tiny_models.encode_fn("dev"), prompts=PROMPTS, output_dir=tmp_path, output_name="run", step=7,
         epoch=None, device="cpu", now=NOW,
-        tracker=lambda images, step: logged.append((dict(images), step)))
-    assert [p.name for p in paths] == ["run_000007_00_20250304050607_1.png", "run_000007_01_20250304050607_2.png",
-                                       "run_000007_20250304050607_grid.png"]
+        tracker=lambda images, step: logged.append((dict(images), step)), grid=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
+        "sample/run_000007_00_20250304050607_1.png", "sample/run_000007_01_20250304050607_2.png",
+        "sample_grid/run_000007_20250304050607_grid.png"]
     expected = generate_images(FLUX1, tiny_models.info["dev"], tiny_models.flux["dev"], tiny_models.ae,
                                tiny_models.encode_fn("dev"), PROMPTS, device="cpu")
     for path, image in zip(paths[:2], expected, strict=True):
@@ -83,6 +101,12 @@ def test_sample_event_writes_images_grid_and_logs(tiny_models, tmp_path):
         assert grid.width >= 32 + 48 and grid.height > 32  # side by side, with a label strip below
     ((images, step),) = logged
     assert step == 7 and sorted(images) == ["sample_0", "sample_1", "sample_grid"]
+    without_grid = sample_during_training(
+        family=FLUX1, info=tiny_models.info["dev"], model=tiny_models.flux["dev"], ae=tiny_models.ae,
+        encode_fn=tiny_models.encode_fn("dev"), prompts=PROMPTS, output_dir=tmp_path / "plain", output_name="run",
+        step=7, epoch=None, device="cpu", now=NOW)
+    assert [p.name for p in without_grid] == [p.name for p in paths[:2]]
+    assert sorted(p.name for p in (tmp_path / "plain").rglob("*.png")) == sorted(p.name for p in paths[:2])
 
 
 def test_prompts_are_shared_round_robin_between_processes(tiny_models, tmp_path):
@@ -91,7 +115,7 @@ def test_prompts_are_shared_round_robin_between_processes(tiny_models, tmp_path)
         family=FLUX1, info=tiny_models.info["schnell"], model=tiny_models.flux["schnell"], ae=tiny_models.ae,
         encode_fn=tiny_models.encode_fn("schnell"), prompts=prompts, output_dir=tmp_path, output_name=None, step=0,
         epoch=0, device="cpu",
-        process_index=1, num_processes=2, now=NOW)
+        process_index=1, num_processes=2, now=NOW, grid=True)
     assert [p.name for p in paths] == ["e000000_01_20250304050607_2.png", "e000000_20250304050607_grid_rank1.png"]
 
 
@@ -167,7 +191,7 @@ def test_sampling_does_not_change_the_training_trajectory(tiny_ckpts, tiny_model
                             info=tiny_models.info["dev"])
     losses_a, weights_a, tail_a = _train(ckpts, sample=False, tmp_path=tmp_path)
     losses_b, weights_b, tail_b = _train(ckpts, sample=True, tmp_path=tmp_path)
-    assert len(list(tmp_path.glob("sample/*.png"))) == 6  # 3 events × (1 image + grid)
+    assert len(list(tmp_path.glob("sample/*.png"))) == 3  # 3 events × 1 image (no grid unless asked)
     assert losses_a == losses_b  # bit-identical
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert tail_a == tail_b  # python/numpy RNGs and every module's train/eval flag
@@ -186,7 +210,7 @@ def test_with_gather_only_the_main_process_writes_every_prompt(tiny_models, tmp_
     assert not (tmp_path / "sample").exists()
     paths = sample_during_training(**common, process_index=0, gather=lambda share: [share, shares[0]])
     assert [p.name for p in paths] == ["e000000_00_20250304050607_1.png", "e000000_01_20250304050607_2.png",
-                                       "e000000_02_20250304050607_3.png", "e000000_20250304050607_grid.png"]
+                                       "e000000_02_20250304050607_3.png"]
 
 
 @pytest.mark.parametrize("process_index", [0, 1])
@@ -210,7 +234,7 @@ def test_prompts_encoded_up_front_give_the_same_images_as_live_encoders(tiny_mod
                   process_index=process_index, num_processes=2)
     live = sample_during_training(encode_fn=tiny_models.encode_fn("dev"), output_dir=tmp_path / "live", **common)
     cached = sample_during_training(encode_fn=encoded.encode, output_dir=tmp_path / "cached", **common)
-    assert [p.name for p in live] == [p.name for p in cached] and len(live) == {0: 3, 1: 2}[process_index]
+    assert [p.name for p in live] == [p.name for p in cached] and len(live) == {0: 2, 1: 1}[process_index]
     for a, b in zip(live, cached, strict=True):
         with Image.open(a) as x, Image.open(b) as y:
             assert np.array_equal(np.asarray(x), np.asarray(y))

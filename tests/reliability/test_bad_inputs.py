@@ -166,8 +166,11 @@ CASES: list[tuple[str, Callable[[Case], list[str]], type, tuple[str, ...]]] = [
     ("scheduler-args-the-schedule-refuses", lambda c: c.argv("--lr_scheduler=cosine", "--lr_scheduler_args",
                                                              "gamma=0.5"), ConfigError,
      ("--lr_scheduler_args", "gamma")),
-    ("config-file-unknown-key", lambda c: (lambda p: (p.write_text("learning_rat = 1e-4\n"), c.argv(
-        f"--config_file={p}"))[1])(c.tmp / "args.toml"), ConfigError, ("learning_rat", "args.toml")),
+    ("config-file-unknown-key-strict", lambda c: (lambda p: (p.write_text("learning_rat = 1e-4\n"), c.argv(
+        f"--config_file={p}", "--strict"))[1])(c.tmp / "args.toml"), ConfigError,
+     ("learning_rat", "args.toml", "did you mean learning_rate")),
+    ("ignored-option-strict", lambda c: c.argv("--noise_offset=0.05", "--strict"), ConfigError,
+     ("--noise_offset 0.05", "sd-scripts ignores it for FLUX too")),
 ]
 
 

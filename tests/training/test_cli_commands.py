@@ -75,6 +75,34 @@ def test_differential_output_preservation_targets_the_base_prediction(train_argv
     assert 0.0 < with_dop.losses[0] < without.losses[0], (with_dop.losses, without.losses)
 
 
+def test_ignored_options_warn_once_in_the_log_file_and_the_run_finishes(train_argv, tmp_path):
+    """kohya_ss writes noise_offset / min_snr_gamma / sample_sampler for every run; sd-scripts ignores them for FLUX
+    and trains. So do we: one warning block at start, in the console log file too."""
+    import logging
+
+    log = tmp_path / "run.log"
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        argv = train_argv("--max_train_steps=1", "--noise_offset=0.05", "--min_snr_gamma=7",
+                          "--sample_sampler=euler", f"--console_log_file={log}")
+        assert fluxlora_main(["train", *argv]) == 0
+        for handler in root.handlers:
+            handler.flush()
+        text = log.read_text(encoding="utf-8")
+    finally:
+        for handler in root.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    assert text.count("change nothing for FLUX") == 1
+    block = text[text.index("3 setting(s) change nothing"):]
+    for option in ("--noise_offset 0.05", "--min_snr_gamma 7.0", "--sample_sampler euler"):
+        assert option in block
+    assert (tmp_path / "out" / "lora.safetensors").is_file()
+
+
 def test_console_log_file_and_level_are_honoured(train_argv, tmp_path):
     import logging
 

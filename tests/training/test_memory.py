@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -195,10 +193,20 @@ def test_trimming_padded_t5_tokens_gives_the_same_loss_and_gradients(monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
 
 
-def test_settings_fields_match_flow_settings():
-    # The test settings above must stay a complete FlowSettings (a new field would make them silently stale).
-    names = {f.name for f in dataclasses.fields(step_module.FlowSettings)}
-    assert names == set(_settings().__dict__)
+def test_the_test_settings_are_a_configuration_a_user_can_write(tmp_path):
+    """The settings the tests above train with are what the command line gives for the same flags (so they test a
+    reachable configuration, and a new FlowSettings field with a default of its own shows up here)."""
+    from fluxlora.config.train_config import parse_train_config
+
+    files = {name: tmp_path / f"{name}.safetensors" for name in ("flux", "clip", "t5", "ae")}
+    for path in [*files.values(), tmp_path / "d.toml"]:
+        path.write_bytes(b"x")
+    cfg = parse_train_config([
+        f"--pretrained_model_name_or_path={files['flux']}", f"--clip_l={files['clip']}", f"--t5xxl={files['t5']}",
+        f"--ae={files['ae']}", f"--dataset_config={tmp_path / 'd.toml'}", f"--output_dir={tmp_path / 'out'}",
+        "--apply_t5_attn_mask", "--guidance_scale=1.0", "--timestep_sampling=sigmoid", "--discrete_flow_shift=3.1582",
+        "--model_prediction_type=raw", "--weighting_scheme=none", "--huber_schedule=snr", "--loss_type=l2"])
+    assert cfg.flow == _settings()
 
 
 def test_preflight_refuses_swap_without_checkpointing():
