@@ -9,7 +9,7 @@ reference is fine); everything is checked from headers when the dataset is built
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -81,3 +81,29 @@ def masked_image(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The image [.., 3, H, W] in [-1, 1] with the pixels to paint (mask [.., 1, H, W] = 1) set to 0, as BFL's
     Fill sampling and diffusers' `FluxFillPipeline` blank them."""
     return pixels * (1 - mask)
+
+
+# Names of the image conditioning a pair gives the model (beside the family's text conditioning).
+REFERENCE_LATENTS = "reference_latents"  # [B, C, h, w] latents of the reference images
+MASKED_LATENTS = "masked_latents"  # [B, C, h, w] latents of the images with the mask's region blanked
+MASK = "mask"  # [B, 1, H, W] 0/1 pixel masks (1 = paint)
+
+
+def pair_conditioning(batch: Mapping[str, torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor] | None
+                      ) -> dict[str, torch.Tensor]:
+    """The image conditioning of a batch with pairs (empty without): reference latents, or the mask with the masked
+    image's latents; cached latents are used as they are, pixels go through `encode` (the AE: pixels in [-1, 1] →
+    float32 latents)."""
+
+    def latents(cached: str, pixels: str) -> torch.Tensor:
+        if cached in batch:
+            return batch[cached].float()
+        if encode is None:
+            raise RuntimeError(f"the batch has {pixels} but no autoencoder to encode them")
+        return encode(batch[pixels]).float()
+
+    if "control_latents" in batch or "control_images" in batch:
+        return {REFERENCE_LATENTS: latents("control_latents", "control_images")}
+    if "masks" in batch:
+        return {MASK: batch["masks"].float(), MASKED_LATENTS: latents("masked_latents", "masked_images")}
+    return {}

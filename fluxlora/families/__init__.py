@@ -12,7 +12,8 @@ from pathlib import Path
 from fluxlora.errors import ConfigError
 from fluxlora.families.base import ModelFamily, ModelInfo
 
-BUILTIN = ("fluxlora.families.flux1.family", "fluxlora.families.flux2.family")
+BUILTIN = ("fluxlora.families.flux1.family", "fluxlora.families.flux2.family", "fluxlora.families.chroma.family",
+           "fluxlora.families.fill.family", "fluxlora.families.kontext.family")
 _REGISTRY: dict[str, ModelFamily] = {}
 _loaded = False
 

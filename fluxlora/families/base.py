@@ -159,6 +159,9 @@ class ModelFamily(ABC):
     #: the autoencoder file kind (`--ae`) and latent channels
     ae_kind: ModelKind = ModelKind.AE
     latent_channels: int = 16
+    #: what it reads from each training image's paired file in `conditioning_data_dir` (`fluxlora.data.pairs`):
+    #: "reference" (a reference image), "mask" (an inpainting mask) or None (no pairs). [fam1 hook]
+    control_kind: str | None = None
 
     # ---- files (headers only) ------------------------------------------------------------------------------------
     @abstractmethod

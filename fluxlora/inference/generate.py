@@ -71,6 +71,8 @@ class GenerateOptions:
     from_file: Path | None = None
     interactive: bool = False
     model_type: str | None = None  # None: the family is detected from the transformer file
+    control_image: str | None = None  # Kontext: the reference; Fill: the image to paint into
+    mask_image: str | None = None  # Fill: white = the region to paint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding in T5 and in the DiT")
     p.add_argument("--prompt", type=str, default="A photo of a cat", help="prompt (default 'A photo of a cat')")
     p.add_argument("--negative_prompt", type=str, default="", help="negative prompt (used when --cfg_scale != 1)")
+    p.add_argument("--control_image", type=str, help="FLUX.1 Kontext: the reference image; FLUX.1 Fill: the image to "
+                   "paint into (resized and centre-cropped to --width x --height)")
+    p.add_argument("--mask_image", type=str, help="FLUX.1 Fill: the mask, white = the region to paint")
     p.add_argument("--cfg_scale", type=float, default=1.0, help="true CFG scale, for de-distilled bases (default 1: off)")
     p.add_argument("--guidance", type=float, default=3.5, help="embedded guidance of dev models (default 3.5)")
     p.add_argument("--steps", type=int, help="sampling steps (default 4 for schnell, 50 for dev)")
@@ -137,6 +142,9 @@ def parse_generate_args(argv: Sequence[str]) -> GenerateOptions:
               for n in ("clip_l", "t5xxl", "ae", "flux")}
     if a.steps is not None and a.steps < 1:
         raise ConfigError(f"--steps {a.steps}: must be at least 1", key="--steps")
+    for flag, value in (("--control_image", a.control_image), ("--mask_image", a.mask_image)):
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{flag} {value}: file not found; check the path", path=value, key=flag)
     return GenerateOptions(
         ckpt_path=Path(a.ckpt_path), clip_l=Path(a.clip_l) if a.clip_l else None,
         t5xxl=Path(a.t5xxl) if a.t5xxl else None, ae=Path(a.ae), dtypes=dtypes, model_type=a.model_type,
@@ -147,7 +155,7 @@ def parse_generate_args(argv: Sequence[str]) -> GenerateOptions:
         output_dir=Path(a.output_dir), device=a.device, offload=a.offload,
         lora_weights=tuple(parse_lora_spec(spec) for spec in a.lora_weights),
         merge_lora_weights=a.merge_lora_weights, from_file=Path(a.from_file) if a.from_file else None,
-        interactive=a.interactive)
+        interactive=a.interactive, control_image=a.control_image, mask_image=a.mask_image)
 
 
 def round_up_16(value: int, flag: str) -> int:
@@ -347,7 +355,8 @@ def main(argv: Sequence[str]) -> int:
     generator = Generator(args)
     steps = args.steps if args.steps is not None else generator.family.default_sample_steps(generator.info)
     base = SamplePrompt(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
-                        height=args.height, seed=args.seed, steps=steps, guidance=args.guidance, cfg_scale=args.cfg_scale)
+                        height=args.height, seed=args.seed, steps=steps, guidance=args.guidance, cfg_scale=args.cfg_scale,
+                        control_image=args.control_image, mask_image=args.mask_image)
     if args.interactive:
         interactive_loop(generator, base, output_dir)
         return 0

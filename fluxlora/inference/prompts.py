@@ -3,13 +3,15 @@
 Three formats, chosen by extension:
 - `.txt`: one prompt per non-empty line not starting with `#`, with inline flags split on `" --"` (case-insensitive
   names): `--w N` width, `--h N` height, `--d N` seed, `--s N` steps (clamped to 1..1000), `--l F` CFG scale,
-  `--g F` embedded guidance, `--n TEXT` negative prompt. `--ss --cn --ctr --rcfg --fs` are read and ignored (they
-  have no meaning for FLUX, as in sd-scripts).
+  `--g F` embedded guidance, `--n TEXT` negative prompt, `--ci PATH` control image (FLUX.1 Kontext: the reference;
+  FLUX.1 Fill: the image to paint into), `--mi PATH` mask image (FLUX.1 Fill: white = paint; musubi-tuner's names).
+  `--ss --cn --ctr --rcfg --fs` are read and ignored (they have no meaning for FLUX, as in sd-scripts).
 - `.json`: a list whose items are such lines (strings) or tables with the keys below.
 - `.toml`: a `[prompt]` table of shared keys and an array `[[prompt.subset]]`; a subset's key overrides the shared
   one (sd-scripts raises there, spec §12.28).
 Table keys (sd-scripts names): `prompt`, `negative_prompt`, `width`, `height`, `seed`, `sample_steps`, `scale` (CFG),
-`guidance_scale` (embedded guidance); `controlnet_image` and `sample_sampler` are ignored.
+`guidance_scale` (embedded guidance), `control_image`, `mask_image`; `controlnet_image` and `sample_sampler` are
+ignored. Image paths are relative to the current directory (as sd-scripts reads every path) and must exist.
 
 Unlike sd-scripts, nothing is silently skipped: an unknown flag or key, a bad value, an unknown extension or a file
 without prompts is a ConfigError naming the file, the line or item, and the fix.
@@ -52,6 +54,8 @@ class SamplePrompt:
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     cfg_scale: float = DEFAULT_CFG_SCALE
+    control_image: str | None = None  # Kontext: the reference image; Fill: the image to paint into
+    mask_image: str | None = None  # Fill: white = the region to paint
 
 
 FIELD_NAMES = tuple(f.name for f in fields(SamplePrompt))
@@ -118,6 +122,16 @@ def _seed(value: Any, what: str, where: str) -> int:
     return n
 
 
+def _image_path(value: Any, what: str, where: str) -> str:
+    text = _as_text(value, what, where).strip()
+    if not text:
+        raise ConfigError(f"{where}: {what} needs an image path", key=what)
+    if not Path(text).is_file():
+        raise ConfigError(f"{where}: {what} {text}: file not found (relative paths start from the current "
+                          "directory)", path=text, key=what)
+    return text
+
+
 # field name -> converter(value, what, where)
 _CONVERTERS: dict[str, Callable[[Any, str, str], Any]] = {
     "prompt": _as_text,
@@ -128,12 +142,14 @@ _CONVERTERS: dict[str, Callable[[Any, str, str], Any]] = {
     "steps": lambda v, what, where: clamp_steps(_as_int(v, what, where)),
     "guidance": _as_float,
     "cfg_scale": _as_float,
+    "control_image": _image_path,
+    "mask_image": _image_path,
 }
 
 # ----------------------------------------------------------------------------------------- inline flags
 
 INLINE_FLAGS = {"w": "width", "h": "height", "d": "seed", "s": "steps", "l": "cfg_scale", "g": "guidance",
-                "n": "negative_prompt"}
+                "n": "negative_prompt", "ci": "control_image", "mi": "mask_image"}
 IGNORED_INLINE_FLAGS = frozenset({"ss", "cn", "ctr", "rcfg", "fs"})
 
 
@@ -163,7 +179,7 @@ def parse_prompt_line(line: str, *, where: str = "prompt") -> dict[str, Any]:
         if name not in INLINE_FLAGS:
             known = [*INLINE_FLAGS, *IGNORED_INLINE_FLAGS]
             raise ConfigError(
-                f"{where}: unknown inline flag --{name}{_unknown(name, known)}; use --w --h --d --s --l --g --n "
+                f"{where}: unknown inline flag --{name}{_unknown(name, known)}; use --w --h --d --s --l --g --n --ci --mi "
                 "(write ' - ' instead of ' --' inside prompt text)", key=f"--{name}")
         if name != "n" and not value:
             raise ConfigError(f"{where}: inline flag --{name} needs a value, e.g. --{name} 512", key=f"--{name}")
@@ -175,7 +191,8 @@ def parse_prompt_line(line: str, *, where: str = "prompt") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- tables
 
 TABLE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
-              "seed": "seed", "sample_steps": "steps", "scale": "cfg_scale", "guidance_scale": "guidance"}
+              "seed": "seed", "sample_steps": "steps", "scale": "cfg_scale", "guidance_scale": "guidance",
+              "control_image": "control_image", "mask_image": "mask_image"}
 IGNORED_TABLE_KEYS = frozenset({"controlnet_image", "sample_sampler"})
 
 

@@ -33,6 +33,7 @@ from fluxlora.errors import ConfigError
 from fluxlora.families.base import ModelFamily, ModelInfo
 from fluxlora.files import atomic_write
 from fluxlora.flow import flux_schedule  # noqa: F401  (re-exported: the schedule tests and tools import it here)
+from fluxlora.inference.control_images import prompt_conditioning
 from fluxlora.inference.prompts import SamplePrompt
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,9 @@ def image_settings(prompt: SamplePrompt, model: ModelInfo, extra: Mapping[str, s
         "guidance": str(prompt.guidance), "cfg_scale": str(prompt.cfg_scale), "sampler": "euler (flow matching)",
         "model_family": model.family, "variant": model.variant, "software": "fluxlora",
     }
+    for key in ("control_image", "mask_image"):
+        if getattr(prompt, key):
+            info[key] = str(getattr(prompt, key))
     info.update(extra or {})
     info["parameters"] = (
         f"{prompt.prompt}\nNegative prompt: {prompt.negative_prompt}\nSteps: {prompt.steps}, Sampler: Euler, "
@@ -227,9 +231,10 @@ def generate_images(
     try:
         for p in prompts:
             sigmas = family.sample_sigmas(info, p.steps, (p.height // PATCH) * (p.width // PATCH))
-            negative = cond[p.negative_prompt] if p.cfg_scale != 1.0 else None
+            images = prompt_conditioning(p, family.control_kind, ae, title=info.title)  # Kontext / Fill inputs
+            negative = {**cond[p.negative_prompt], **images} if p.cfg_scale != 1.0 else None
             latents.append(denoise(
-                family, model, family.initial_noise(p.seed, p.height, p.width), sigmas, cond[p.prompt],
+                family, model, family.initial_noise(p.seed, p.height, p.width), sigmas, {**cond[p.prompt], **images},
                 guidance=family.sampling_guidance(info, p.guidance), negative=negative, cfg_scale=p.cfg_scale,
                 mask_text=mask_text, dtype=dtype, device=device, on_step=bar.update if bar is not None else None))
     finally:

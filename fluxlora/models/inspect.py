@@ -90,6 +90,14 @@ def _lora_lines(header: SafetensorsHeader) -> list[str]:
     return lines
 
 
+def size_lines(headers: list[SafetensorsHeader]) -> list[str]:
+    """dtype shares, parameter and tensor counts and bytes of a file (or of a folder's shards)."""
+    return [f"  dtype:      {_dtypes(headers)}",
+            f"  parameters: {_count(sum(h.num_params for h in headers))}",
+            f"  tensors:    {sum(len(h.tensors) for h in headers)}",
+            f"  size:       {_size(sum(h.file_size for h in headers))}"]
+
+
 def describe(path: str | Path) -> list[str]:
     """Lines describing one file or diffusers folder, from headers only."""
     path = Path(path)
@@ -109,10 +117,7 @@ def describe(path: str | Path) -> list[str]:
                   f"{p.depth_single_blocks} single blocks, MLP {p.mlp_hidden_dim}"]
         if len(headers) > 1:
             lines.append(f"  files:      {len(headers)} shards")
-    lines += [f"  dtype:      {_dtypes(headers)}",
-              f"  parameters: {_count(sum(h.num_params for h in headers))}",
-              f"  tensors:    {sum(len(h.tensors) for h in headers)}",
-              f"  size:       {_size(sum(h.file_size for h in headers))}"]
+    lines += size_lines(headers)
     if kind is ModelKind.LORA:
         lines += _lora_lines(headers[0])
     return lines

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fluxlora.data.loader import make_dataloader
 from fluxlora.training.optim import eval_mode
-from fluxlora.training.step import StepOutput, conditioning_of, latents_of, training_loss
+from fluxlora.training.step import StepOutput, conditioning_of, latents_of, pixel_encoder, training_loss
 from fluxlora.training.validation import validation_loss
 
 if TYPE_CHECKING:
@@ -44,7 +44,8 @@ def validation_loss_of(run: Run) -> float:
     def score(batch: dict[str, Any], sigmas: Tensor, noise: Tensor) -> StepOutput:
         return training_loss(
             plan.family, models.transformer, latents_of(batch, models, plan, device),
-            conditioning_of(batch, models.text, run.trainable.trained_encoders), cfg.flow,
+            conditioning_of(batch, models.text, run.trainable.trained_encoders, pixel_encoder(models, plan, device)),
+            cfg.flow,
             generator=torch.Generator().manual_seed(0), guidance=plan.guidance, compute_dtype=plan.precision.compute,
             loss_weights=batch["loss_weights"], alpha_masks=batch.get("alpha_masks"), autocast=autocast,
             sigmas=sigmas, noise=noise)

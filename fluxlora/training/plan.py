@@ -178,7 +178,8 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
     seed = cfg.training.seed if cfg.training.seed is not None else random.randrange(2**31)
     data = None
     if blueprint is not None:
-        data = problems.check(lambda: preflight.check_dataset(cfg, blueprint, seed))
+        data = problems.check(lambda: preflight.check_dataset(
+            cfg, blueprint, seed, control_kind=family.control_kind if family is not None else None))
     problems.check(lambda: preflight.check_prompt_file(cfg))
     num_processes = launched_world_size()
     schedule = None

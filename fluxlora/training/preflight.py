@@ -133,10 +133,13 @@ def check_scheduler(cfg: TrainConfig, max_train_steps: int) -> None:
     build_over_dummy(cfg.optim.scheduler_spec, cfg.optim.optimizer_spec, num_training_steps=max_train_steps)
 
 
-def check_dataset(cfg: TrainConfig, blueprint: DatasetBlueprint, seed: int) -> TrainingData:
-    """Caching conflicts, then every image header and caption of the dataset; the dataset, built once."""
+def check_dataset(cfg: TrainConfig, blueprint: DatasetBlueprint, seed: int, control_kind: str | None = None
+                  ) -> TrainingData:
+    """Caching conflicts, then every image header and caption of the dataset (and its pairs, when the family reads
+    `control_kind` files); the dataset, built once."""
     check_caching_conflicts(cfg, [s for d in blueprint.datasets for s in d.subsets])
-    data = build_training_data(blueprint, seed=seed, skip_bad_images=cfg.dataset_flags.skip_bad_images)
+    data = build_training_data(blueprint, seed=seed, skip_bad_images=cfg.dataset_flags.skip_bad_images,
+                               control_kind=control_kind)  # [fam1 hook: the family's pairs]
     problems = data.cache_conflicts(cache_latents=cfg.caching.cache_latents,
                                     cache_text_encoder_outputs=cfg.caching.cache_text_encoder_outputs)
     if problems:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from fluxlora import flow
 from fluxlora.config.train_config import FlowSettings
+from fluxlora.data.pairs import pair_conditioning
 from fluxlora.families.base import Autocast, Conditioning, ModelFamily, TextEncoders
 from fluxlora.training.models import Models, latent_encoder
 from fluxlora.training.plan import RunPlan
@@ -86,7 +87,7 @@ def train_step(plan: RunPlan, models: Models, trainable: Trainable, processes: P
         # LoRA dropouts draw from torch's global RNG: reseed it per batch so they too depend only on the position
         torch.manual_seed(step_seed(plan.seed, epoch, index, purpose=1))
         latents = latents_of(batch, models, plan, device)
-        cond = conditioning_of(batch, models.text, trainable.trained_encoders)
+        cond = conditioning_of(batch, models.text, trainable.trained_encoders, pixel_encoder(models, plan, device))
         out = training_loss(
             plan.family, models.transformer, latents, cond, cfg.flow, generator=step_generator(plan.seed, epoch, index),
             guidance=plan.guidance, compute_dtype=plan.precision.compute, autocast=autocast,
@@ -141,13 +142,22 @@ def latents_of(batch: dict[str, Any], models: Models, plan: RunPlan, device: tor
     return latent_encoder(models.ae, plan.precision, device)(batch["images"])
 
 
-def conditioning_of(batch: dict[str, Any], text: TextEncoders, trained: Collection[str]) -> Conditioning:
+def pixel_encoder(models: Models, plan: RunPlan, device: torch.device) -> Callable[[Tensor], Tensor] | None:
+    """The AE as pixels → latents, for the images of pairs that are not cached (None when the AE is gone)."""
+    return latent_encoder(models.ae, plan.precision, device) if models.ae is not None else None
+
+
+def conditioning_of(batch: dict[str, Any], text: TextEncoders, trained: Collection[str],
+                    encode: Callable[[Tensor], Tensor] | None = None) -> Conditioning:
     """The batch's text conditioning: cached outputs (with the outputs of encoders whose LoRA trains recomputed,
-    sd-scripts' partial caching), or encoded now."""
+    sd-scripts' partial caching), or encoded now; plus the image conditioning of its pairs (reference latents, or a
+    mask and the masked image's latents), cached or encoded now with `encode`."""
     captions = list(batch["captions"])
     if "text" in batch:
-        return text.update(dict(batch["text"]), captions, trained)
-    return text.encode(captions, grad=trained)
+        cond = text.update(dict(batch["text"]), captions, trained)
+    else:
+        cond = text.encode(captions, grad=trained)
+    return {**cond, **pair_conditioning(batch, encode)}  # [fam1 hook: pairs]
 
 
 def training_loss(
