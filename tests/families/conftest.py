@@ -94,3 +94,66 @@ def pipeline_components(m) -> dict:
     """The text encoders, tokenizers, VAE and scheduler of a diffusers FLUX pipeline, holding the tiny weights."""
     return dict(scheduler=identity_scheduler(), vae=diffusers_vae(m.ae), text_encoder=m.clip,
                 tokenizer=m.tokenizers.clip, text_encoder_2=m.t5, tokenizer_2=m.tokenizers.t5)
+
+
+def write_images(folder, *, count: int = 4, size: int = 64, seed: int = 0, caption: str = "a photo of sks red square"):
+    """`count` noisy images with a red square and a caption each (tests/training's dataset, for the families)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = (rng.random((size, size, 3)) * 255).astype("uint8")
+        pixels[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = (230, 20, 20)
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(caption, encoding="utf-8")
+    return folder
+
+
+def smooth_images(folder, count: int, *, seed: int = 0, size: int = 64):
+    """`count` smooth colour patterns (PNG), as uint8 arrays too: a learnable edit needs structure, not noise."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for i in range(count):
+        y, x = np.mgrid[0:size, 0:size]
+        a = np.stack([127 + 120 * np.sin(x * rng.uniform(0.05, 0.2) + rng.uniform(0, 6)),
+                      127 + 120 * np.sin(y * rng.uniform(0.05, 0.2) + rng.uniform(0, 6)),
+                      np.full((size, size), rng.uniform(0, 255))], -1)
+        arrays.append(np.clip(a, 0, 255).astype(np.uint8))
+        Image.fromarray(arrays[-1]).save(folder / f"{i:02d}.png")
+    return arrays
+
+
+def paired_task_loss(family_name: str, model_file, m, images, *, caption: str, extra: dict, lora=None) -> float:
+    """The flow-matching loss of `family_name` on the images (folder) at fixed σ and noise, with the image
+    conditioning `extra(ae)` gives and optionally a LoRA applied: the measure a paired task's training lowers."""
+    import contextlib
+
+    from fluxlora.data.buckets import to_pixels
+    from fluxlora.data.images import load_image
+    from fluxlora.families import family_named
+    from fluxlora.inference.generate import read_lora_network
+
+    family = family_named(family_name)
+    info = family.inspect(model_file, flag="")
+    model = family.load_transformer(info, dtype=torch.float32, device="cpu").eval()
+    if lora is not None:
+        read_lora_network(lora, 1.0, model, [None, None]).apply_to()
+    paths = sorted(images.glob("*.png"))
+    with torch.no_grad():
+        x0 = m.ae.encode(torch.stack([to_pixels(load_image(p).rgb) for p in paths])).float()
+    cond = {**flux_text_encoders(family, m, 16).encode([caption] * len(paths)), **extra}
+    generator, total = torch.Generator().manual_seed(0), 0.0
+    with torch.no_grad():
+        for sigma in (0.25, 0.5, 0.75):
+            noise = torch.randn(x0.shape, generator=generator)
+            x_t = (1 - sigma) * x0 + sigma * noise
+            pred = family.predict(model, x_t, torch.full((len(paths),), sigma), cond, guidance=1.0, mask_text=False,
+                                  compute_dtype=torch.float32, autocast=contextlib.nullcontext)
+            total += float(((pred - (noise - x0)) ** 2).mean())
+    return total / 3
