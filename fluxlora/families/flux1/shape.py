@@ -48,7 +48,7 @@ def flux_param_count(p: FluxParams) -> int:
     double, single = block_params(p)
     outer = (p.in_channels * h + h) + 2 * (256 * h + h + h * h + h) + (p.vec_in_dim * h + h + h * h + h)
     outer -= 0 if p.guidance_embed else (256 * h + h + h * h + h)
-    outer += p.context_in_dim * h + h + (h * 2 * h + 2 * h) + (h * p.in_channels + p.in_channels)
+    outer += p.context_in_dim * h + h + (h * 2 * h + 2 * h) + (h * p.out_channels + p.out_channels)  # Fill: 64 out
     return p.depth * double + p.depth_single_blocks * single + outer
 
 
