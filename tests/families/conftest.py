@@ -157,3 +157,14 @@ def paired_task_loss(family_name: str, model_file, m, images, *, caption: str, e
                                   compute_dtype=torch.float32, autocast=contextlib.nullcontext)
             total += float(((pred - (noise - x0)) ** 2).mean())
     return total / 3
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """This file's helper functions (test modules cannot import a conftest by name: several share it)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        diffusers_flux_from=diffusers_flux_from, diffusers_vae=diffusers_vae, identity_scheduler=identity_scheduler,
+        flux_text_encoders=flux_text_encoders, pipeline_components=pipeline_components, write_images=write_images,
+        smooth_images=smooth_images, paired_task_loss=paired_task_loss)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import diffusers_flux_from, pipeline_components
 
 from fluxlora.families import family_named
 from fluxlora.families.chroma.diffusers_keys import bfl_to_diffusers as chroma_to_diffusers
@@ -86,7 +85,7 @@ PIPELINES = {"chroma": "ChromaPipeline", "kontext": "FluxKontextPipeline", "fill
 
 
 @pytest.mark.parametrize("name", ["chroma", "kontext", "fill"])
-def test_diffusers_pipeline_load_lora_weights(family_models, tmp_path, name) -> None:
+def test_diffusers_pipeline_load_lora_weights(helpers, family_models, tmp_path, name) -> None:
     import diffusers
 
     m = family_models
@@ -106,11 +105,12 @@ def test_diffusers_pipeline_load_lora_weights(family_models, tmp_path, name) -> 
         transformer.load_state_dict(chroma_to_diffusers(model.state_dict()))
         for norm in transformer.distilled_guidance_layer.norms:
             norm.eps = 1e-6
-        parts = pipeline_components(m)
+        parts = helpers.pipeline_components(m)
         pipe = diffusers.ChromaPipeline(scheduler=parts["scheduler"], vae=parts["vae"], text_encoder=m.t5,
                                         tokenizer=m.tokenizers.t5, transformer=transformer.eval())
     else:
-        pipe = getattr(diffusers, PIPELINES[name])(transformer=diffusers_flux_from(model), **pipeline_components(m))
+        pipe = getattr(diffusers, PIPELINES[name])(transformer=helpers.diffusers_flux_from(model),
+                                                   **helpers.pipeline_components(m))
     x = _inputs(model, name)
     with torch.no_grad():
         before = _theirs(pipe.transformer, x, name)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import diffusers_vae, identity_scheduler
 
 from fluxlora import flow
 from fluxlora.families import family_named
@@ -18,7 +17,7 @@ from fluxlora.inference.sampler import decode_latents, denoise, encode_texts
 H, W = 32, 48
 
 
-def chroma_pipeline(model, m):
+def chroma_pipeline(helpers, model, m):
     from diffusers import ChromaPipeline, ChromaTransformer2DModel
 
     p = model.params
@@ -30,13 +29,13 @@ def chroma_pipeline(model, m):
     transformer.load_state_dict(bfl_to_diffusers(model.state_dict()), strict=True)
     for norm in transformer.distilled_guidance_layer.norms:  # BFL's RMSNorm eps (see test_chroma_model)
         norm.eps = 1e-6
-    pipe = ChromaPipeline(scheduler=identity_scheduler(), vae=diffusers_vae(m.ae), text_encoder=m.t5,
+    pipe = ChromaPipeline(scheduler=helpers.identity_scheduler(), vae=helpers.diffusers_vae(m.ae), text_encoder=m.t5,
                           tokenizer=m.tokenizers.t5, transformer=transformer.eval())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def test_image_with_true_cfg_matches_chroma_pipeline(family_models) -> None:
+def test_image_with_true_cfg_matches_chroma_pipeline(helpers, family_models) -> None:
     m = family_models
     family = family_named("chroma")
     info = family.inspect(Path(m.families.chroma), flag="")
@@ -53,7 +52,7 @@ def test_image_with_true_cfg_matches_chroma_pipeline(family_models) -> None:
                                              negative=cond[negative], cfg_scale=cfg)) + 1) / 2
     ours = ours[0].permute(1, 2, 0).numpy()
 
-    pipe = chroma_pipeline(model, m)
+    pipe = chroma_pipeline(helpers, model, m)
     with torch.no_grad():
         # diffusers' own T5 encoding and Chroma mask (real tokens + 1 padding); its float mask would be additive
         # and mask nothing (diffusers#13619), so it is handed over as the bool mask it stands for

@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import write_images
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -32,7 +31,7 @@ DOCS_PROMPT = ("Japanese shrine in the summer forest. --n low quality, ugly, unf
 
 
 @pytest.mark.slow
-def test_sd_scripts_chroma_command_runs_verbatim(tiny_ckpts, tmp_path, monkeypatch) -> None:
+def test_sd_scripts_chroma_command_runs_verbatim(helpers, tiny_ckpts, tmp_path, monkeypatch) -> None:
     models = tmp_path / "models"
     models.mkdir()
     shutil.copyfile(tiny_ckpts.t5xxl, models / "t5xxl.safetensors")
@@ -41,7 +40,7 @@ def test_sd_scripts_chroma_command_runs_verbatim(tiny_ckpts, tmp_path, monkeypat
     deep = dataclasses.replace(tiny_chroma_params(), depth=11, depth_single_blocks=20)
     save_safetensors(models / "Chroma.safetensors",
                      random_model(Chroma, deep, torch.Generator().manual_seed(0)).state_dict())
-    images = write_images(tmp_path / "images", count=2)
+    images = helpers.write_images(tmp_path / "images", count=2)
     (tmp_path / "my_flux_dataset_config.toml").write_text(
         f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nbatch_size = 2\nresolution = [64, 64]\n'
         f'  [[datasets.subsets]]\n  image_dir = "{images.as_posix()}"\n', encoding="utf-8")

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import diffusers_flux_from, flux_text_encoders, pipeline_components
 from PIL import Image
 
 from fluxlora import flow
@@ -31,7 +30,7 @@ def image_and_mask(folder: Path) -> tuple[Path, Path]:
     return folder / "image.png", folder / "mask.png"
 
 
-def test_image_with_a_mask_matches_flux_fill_pipeline(family_models, tmp_path, monkeypatch) -> None:
+def test_image_with_a_mask_matches_flux_fill_pipeline(helpers, family_models, tmp_path, monkeypatch) -> None:
     import diffusers.pipelines.flux.pipeline_flux_fill as fill_module
     from diffusers import FluxFillPipeline
 
@@ -39,7 +38,7 @@ def test_image_with_a_mask_matches_flux_fill_pipeline(family_models, tmp_path, m
     family = family_named("fill")
     info = family.inspect(Path(m.families.fill), flag="")
     model = family.load_transformer(info, dtype=torch.float32, device="cpu").eval()
-    text = flux_text_encoders(family, m)
+    text = helpers.flux_text_encoders(family, m)
     image, mask = image_and_mask(tmp_path)
     prompt = SamplePrompt("a window", width=W, height=H, seed=2, steps=3, guidance=30.0, control_image=str(image),
                           mask_image=str(mask))
@@ -54,7 +53,7 @@ def test_image_with_a_mask_matches_flux_fill_pipeline(family_models, tmp_path, m
     original = fill_module.retrieve_latents
     monkeypatch.setattr(fill_module, "retrieve_latents",
                         lambda output, generator=None, sample_mode="sample": original(output, sample_mode="argmax"))
-    pipe = FluxFillPipeline(transformer=diffusers_flux_from(model), **pipeline_components(m))
+    pipe = FluxFillPipeline(transformer=helpers.diffusers_flux_from(model), **helpers.pipeline_components(m))
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         out = pipe(prompt=prompt.prompt, image=Image.open(image), mask_image=Image.open(mask), height=H, width=W,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import paired_task_loss, smooth_images
 from PIL import Image
 from safetensors import safe_open
 
@@ -18,11 +17,11 @@ CAPTION = "a smooth pattern"
 
 
 @pytest.mark.slow
-def test_fill_lora_learns_to_paint_masked_regions(family_models, tmp_path) -> None:
+def test_fill_lora_learns_to_paint_masked_regions(helpers, family_models, tmp_path) -> None:
     m = family_models
     images, masks = tmp_path / "img", tmp_path / "masks"
     masks.mkdir()
-    for i, _ in enumerate(smooth_images(images, 6, seed=3)):
+    for i, _ in enumerate(helpers.smooth_images(images, 6, seed=3)):
         (images / f"{i:02d}.txt").write_text(CAPTION, encoding="utf-8")
         mask = np.zeros((64, 64), np.uint8)
         mask[8 + 4 * i: 40 + 4 * i, 16:48] = 255
@@ -46,6 +45,7 @@ def test_fill_lora_learns_to_paint_masked_regions(family_models, tmp_path) -> No
                         for p in sorted(masks.glob("*.png"))])
     with torch.no_grad():
         extra = {MASK: mask, MASKED_LATENTS: m.ae.encode(masked_image(pixels, mask)).float()}
-    before = paired_task_loss("fill", m.families.fill, m, images, caption=CAPTION, extra=extra)
-    after = paired_task_loss("fill", m.families.fill, m, images, caption=CAPTION, extra=extra, lora=result.final_lora)
+    before = helpers.paired_task_loss("fill", m.families.fill, m, images, caption=CAPTION, extra=extra)
+    after = helpers.paired_task_loss("fill", m.families.fill, m, images, caption=CAPTION, extra=extra,
+                                     lora=result.final_lora)
     assert np.isfinite(before) and after < 0.9 * before, (before, after)

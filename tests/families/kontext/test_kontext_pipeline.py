@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import diffusers_flux_from, flux_text_encoders, pipeline_components
 from PIL import Image
 
 from fluxlora import flow
@@ -26,14 +25,14 @@ def reference_image(path: Path) -> Path:
     return path
 
 
-def test_image_with_a_reference_matches_flux_kontext_pipeline(family_models, tmp_path) -> None:
+def test_image_with_a_reference_matches_flux_kontext_pipeline(helpers, family_models, tmp_path) -> None:
     from diffusers import FluxKontextPipeline
 
     m = family_models
     family = family_named("kontext")
     info = family.inspect(Path(m.families.kontext), flag="")
     model = family.load_transformer(info, dtype=torch.float32, device="cpu").eval()
-    text = flux_text_encoders(family, m)
+    text = helpers.flux_text_encoders(family, m)
     prompt = SamplePrompt("make it red", width=W, height=H, seed=5, steps=3, guidance=2.5,
                           control_image=str(reference_image(tmp_path / "ref.png")))
     cond = encode_texts(lambda t: text.encode(list(t)), [prompt.prompt])[prompt.prompt]
@@ -46,7 +45,7 @@ def test_image_with_a_reference_matches_flux_kontext_pipeline(family_models, tmp
         plain = denoise(family, model, noise, sigmas, cond, guidance=prompt.guidance)
     assert (latents - plain).abs().max() > 1e-2  # the reference really takes part
 
-    pipe = FluxKontextPipeline(transformer=diffusers_flux_from(model), **pipeline_components(m))
+    pipe = FluxKontextPipeline(transformer=helpers.diffusers_flux_from(model), **helpers.pipeline_components(m))
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         out = pipe(image=Image.open(prompt.control_image), prompt=prompt.prompt, height=H, width=W,

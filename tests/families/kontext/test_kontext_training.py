@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import paired_task_loss, smooth_images
 from PIL import Image
 from safetensors import safe_open
 
@@ -18,10 +17,10 @@ CAPTION = "invert the colors"
 
 
 @pytest.mark.slow
-def test_kontext_lora_learns_an_edit_from_pairs(family_models, tmp_path) -> None:
+def test_kontext_lora_learns_an_edit_from_pairs(helpers, family_models, tmp_path) -> None:
     m = family_models
     images, references = tmp_path / "img", tmp_path / "ref"
-    for i, array in enumerate(smooth_images(references, 6)):  # the edit: colours inverted
+    for i, array in enumerate(helpers.smooth_images(references, 6)):  # the edit: colours inverted
         images.mkdir(exist_ok=True)
         Image.fromarray(255 - array).save(images / f"{i:02d}.png")
         (images / f"{i:02d}.txt").write_text(CAPTION, encoding="utf-8")
@@ -42,7 +41,7 @@ def test_kontext_lora_learns_an_edit_from_pairs(family_models, tmp_path) -> None
     with torch.no_grad():
         refs = m.ae.encode(torch.stack([to_pixels(load_image(p).rgb) for p in sorted(references.glob("*.png"))]))
     extra = {REFERENCE_LATENTS: refs.float()}
-    before = paired_task_loss("kontext", m.families.kontext, m, images, caption=CAPTION, extra=extra)
-    after = paired_task_loss("kontext", m.families.kontext, m, images, caption=CAPTION, extra=extra,
+    before = helpers.paired_task_loss("kontext", m.families.kontext, m, images, caption=CAPTION, extra=extra)
+    after = helpers.paired_task_loss("kontext", m.families.kontext, m, images, caption=CAPTION, extra=extra,
                              lora=result.final_lora)
     assert np.isfinite(before) and after < 0.9 * before, (before, after)
