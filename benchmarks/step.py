@@ -3,6 +3,7 @@
     python benchmarks/step.py --config medium                 # CPU: the whole trainer step, width 3072, 1 + 1 blocks, 256²
     python benchmarks/step.py --config medium --ckpt          # the same with --gradient_checkpointing
     python benchmarks/step.py --config medium --network_module lycoris.kohya --network_args algo=lokr  # an adapter
+    python benchmarks/step.py --config medium --family kontext # the same for chroma | kontext | fill (default flux1)
     python benchmarks/step.py --config medium-step            # only the isolated step below, same model size
     PYTHONPATH=. python3 benchmarks/step.py --config gpu-suite # full-size FLUX, random weights, GPU cases
 
@@ -74,6 +75,7 @@ class Case:
     fp8: bool = False
     ckpt: bool = False
     swap: int = 0
+    image_sequences: int = 1  # Kontext: the reference's tokens ride along with the noisy ones (2)
 
     @property
     def name(self) -> str:
@@ -93,7 +95,7 @@ def flow_settings():
 
 # ---- FLOPs ------------------------------------------------------------------------------------------------------
 def step_flops(p: FluxParams, case: Case) -> float:
-    n = (case.resolution // 16) ** 2
+    n = (case.resolution // 16) ** 2 * case.image_sequences
     length = n + case.text_tokens
     h, blocks = p.hidden_size, p.depth + p.depth_single_blocks
     lin = 2 * blocks * 12 * h * h * length + 2 * case.text_tokens * p.context_in_dim * h + 2 * n * p.in_channels * h * 2
@@ -374,6 +376,8 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--swap_check_only", action="store_true")
     ap.add_argument("--images", type=int, default=4, help="medium: captioned images in the dataset (batch 1)")
+    ap.add_argument("--family", choices=["flux1", "chroma", "kontext", "fill"], default="flux1",
+                    help="medium: the model family (kontext: reference images, fill: masks, paired by file stem)")
     ap.add_argument("--keep", type=Path, default=None,
                     help="medium: write the model set, dataset and outputs here and keep them, or reuse the model "
                          "set and dataset already there (default: a temporary folder)")

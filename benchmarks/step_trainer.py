@@ -4,6 +4,10 @@ A model set in the real file formats is written (FLUX width 3072, 24 heads, 1 + 
 tiny CLIP-L and AE) with a few captioned images, and `fluxlora.training.cli.train` runs with the normal flags; a step
 callback probes torch.mm after every step, so MFU is taken against the GEMM rate of the same moment. See
 benchmarks/README.md ("Results: medium CPU config") and `step.py` for the FLOP model.
+
+`--family` writes that transformer as the family's file instead: `chroma` (the same blocks without modulation
+linears, the real 5 × 5120 approximator, no CLIP-L), `kontext` (the dev layout, `--model_type kontext`, a reference
+image per training image: twice the image tokens), `fill` (`img_in` reading 384 channels, a mask per image).
 """
 
 from __future__ import annotations
@@ -38,7 +42,32 @@ def medium_file_params() -> FluxParams:
     return replace(MEDIUM, vec_in_dim=tiny_clip_l_config().hidden_size, context_in_dim=MEDIUM_T5["d_model"])
 
 
-def write_model_set(folder: Path, resolution: int, images: int) -> None:
+MODEL_FILES = {"flux1": "flux1-dev.safetensors", "chroma": "chroma.safetensors",
+               "kontext": "flux1-kontext-dev.safetensors", "fill": "flux1-fill-dev.safetensors"}
+
+
+def write_family_model(models: Path, family: str) -> None:
+    """The medium transformer as `family`'s file (flux1 and kontext: the file written with the text encoders)."""
+    from dataclasses import replace
+
+    from fluxlora.families.chroma.model import Chroma, ChromaParams
+    from fluxlora.families.tiny import random_model
+    from fluxlora.files import save_safetensors
+    from fluxlora.models.flux import Flux
+
+    p = medium_file_params()
+    if family == "chroma":
+        params = ChromaParams(context_in_dim=p.context_in_dim, depth=p.depth, depth_single_blocks=p.depth_single_blocks)
+        model = random_model(Chroma, params, torch.Generator().manual_seed(0))
+    elif family == "fill":
+        model = random_model(Flux, replace(p, in_channels=384, out_channels=64), torch.Generator().manual_seed(0))
+    else:
+        (models / MODEL_FILES[family]).write_bytes((models / MODEL_FILES["flux1"]).read_bytes())
+        return
+    save_safetensors(models / MODEL_FILES[family], model.state_dict())
+
+
+def write_model_set(folder: Path, resolution: int, images: int, family: str = "flux1") -> None:
     """Model files in the real formats plus a captioned dataset and its TOML, under `folder`."""
     import numpy as np
     from PIL import Image
@@ -47,6 +76,8 @@ def write_model_set(folder: Path, resolution: int, images: int) -> None:
 
     write_tiny_checkpoints(folder / "models", seed=0, flux_params=medium_file_params(), t5_overrides=MEDIUM_T5,
                            schnell=False)
+    if family != "flux1":
+        write_family_model(folder / "models", family)
     img_dir = folder / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -55,16 +86,30 @@ def write_model_set(folder: Path, resolution: int, images: int) -> None:
         pixels[resolution // 4: 3 * resolution // 4, resolution // 4: 3 * resolution // 4] = (230, 20, 20)
         Image.fromarray(pixels).save(img_dir / f"{i:02d}.png")
         (img_dir / f"{i:02d}.txt").write_text(CAPTIONS[i % len(CAPTIONS)], encoding="utf-8")
+    pairs = ""
+    if family in ("kontext", "fill"):  # a reference image (the image inverted) or a mask (its centre) per image
+        control_dir = folder / "control"
+        control_dir.mkdir(exist_ok=True)
+        for i in range(images):
+            pixels = np.asarray(Image.open(img_dir / f"{i:02d}.png"))
+            if family == "kontext":
+                Image.fromarray(255 - pixels).save(control_dir / f"{i:02d}.png")
+            else:
+                mask = np.zeros(pixels.shape[:2], np.uint8)
+                mask[resolution // 4: 3 * resolution // 4, resolution // 4: 3 * resolution // 4] = 255
+                Image.fromarray(mask, "L").save(control_dir / f"{i:02d}.png")
+        pairs = f'  conditioning_data_dir = "{control_dir.as_posix()}"\n'
     (folder / "dataset.toml").write_text(
         f'[general]\ncaption_extension = ".txt"\n\n[[datasets]]\nresolution = {resolution}\nbatch_size = 1\n'
-        f'  [[datasets.subsets]]\n  image_dir = "{img_dir.as_posix()}"\n  num_repeats = 1\n', encoding="utf-8")
+        f'  [[datasets.subsets]]\n  image_dir = "{img_dir.as_posix()}"\n  num_repeats = 1\n{pairs}', encoding="utf-8")
 
 
-def write_model_set_in_child(folder: Path, resolution: int, images: int) -> None:
+def write_model_set_in_child(folder: Path, resolution: int, images: int, family: str = "flux1") -> None:
     """`write_model_set` in a spawned process: building 2 GB of weights must not raise this process's peak RSS."""
     import multiprocessing
 
-    child = multiprocessing.get_context("spawn").Process(target=write_model_set, args=(folder, resolution, images))
+    child = multiprocessing.get_context("spawn").Process(target=write_model_set,
+                                                         args=(folder, resolution, images, family))
     child.start()
     child.join()
     if child.exitcode != 0:
@@ -74,8 +119,11 @@ def write_model_set_in_child(folder: Path, resolution: int, images: int) -> None
 def medium_argv(folder: Path, args) -> list[str]:
     models = folder / "models"
     out = folder / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # kept folders hold several runs
+    family = getattr(args, "family", "flux1")
     argv = [
-        f"--pretrained_model_name_or_path={models / 'flux1-dev.safetensors'}", f"--clip_l={models / 'clip_l.safetensors'}",
+        f"--pretrained_model_name_or_path={models / MODEL_FILES[family]}",
+        *([] if family == "chroma" else [f"--clip_l={models / 'clip_l.safetensors'}"]),
+        *(["--model_type=kontext"] if family == "kontext" else []),
         f"--t5xxl={models / 't5xxl.safetensors'}", f"--ae={models / 'ae.safetensors'}",
         f"--dataset_config={folder / 'dataset.toml'}", f"--output_dir={out}", "--output_name=bench",
         f"--network_module={args.network_module}", f"--network_dim={args.rank}", f"--network_alpha={args.rank}",
@@ -124,14 +172,15 @@ def medium_trainer(args) -> None:
     device = torch.device("cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     case = Case(resolution=args.resolution, text_tokens=args.text_tokens, rank=args.rank, dtype=args.dtype,
-                ckpt=args.ckpt)
-    m = (args.resolution // 16) ** 2 + args.text_tokens
+                ckpt=args.ckpt, image_sequences=2 if args.family == "kontext" else 1)
+    m = (args.resolution // 16) ** 2 * case.image_sequences + args.text_tokens
     p = medium_file_params()
     with tempfile.TemporaryDirectory(prefix="fluxlora-bench-") as tmp:
         folder = args.keep or Path(tmp)
+        folder = folder if args.family == "flux1" else folder / args.family
         t = time.perf_counter()
         if not (folder / "dataset.toml").is_file():  # a kept folder from an earlier run is reused
-            write_model_set_in_child(folder, args.resolution, args.images)
+            write_model_set_in_child(folder, args.resolution, args.images, args.family)
         written = time.perf_counter() - t
         before = gemm_rate(p, m, dtype, device)
         baseline = rss_bytes()
@@ -150,7 +199,7 @@ def medium_trainer(args) -> None:
     g10, g50, g90 = quantiles(probes)
     planner = probe.planner["cpu_peak"]
     planner_rss = probe.planner["device_peak"] + baseline  # the planner's runtime allowance replaced by this process's
-    r = {"case": f"trainer {case.name}", "s_per_step": s50, "p10": s10, "p90": s90, "step_tflop": flops / 1e12,
+    r = {"case": f"trainer {args.family} {case.name}", "s_per_step": s50, "p10": s10, "p90": s90, "step_tflop": flops / 1e12,
          "mfu": m50, "mfu_p10": m10, "mfu_p90": m90, "probe_gflops_p10_median_p90": [g10 / 1e9, g50 / 1e9, g90 / 1e9],
          "p_gemm_before_gflops": before / 1e9, "p_gemm_after_gflops": after / 1e9, "mfu_vs_before": flops / s50 / before,
          "mfu_vs_after": flops / s50 / after, "first_step_s": result.step_seconds[0],
