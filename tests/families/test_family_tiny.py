@@ -48,3 +48,18 @@ def test_family_files_have_the_real_layouts(tiny_ckpts, tiny_family_ckpts) -> No
                    timesteps=torch.tensor([0.5]), y=torch.randn(1, finfo.params.vec_in_dim),
                    guidance=torch.tensor([30.0]))
     assert out.shape == (1, 6, 64) and torch.isfinite(out).all() and 0.1 < out.std() < 10
+
+
+def test_inspect_names_the_family_from_headers_only(tiny_family_ckpts, tiny_ckpts, capsys, monkeypatch) -> None:
+    import fluxlora.families.chroma.loading as chroma_loading
+    import fluxlora.models.flux_loading as flux_loading
+
+    for module in (flux_loading, chroma_loading):
+        monkeypatch.setattr(module, "load_tensors", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    files = [tiny_family_ckpts.chroma, tiny_family_ckpts.fill, tiny_family_ckpts.kontext, tiny_ckpts.flux_dev]
+    assert cli_main(["inspect", *map(str, files)]) == 0
+    out = capsys.readouterr().out
+    assert "family:     chroma (Chroma)" in out and "family:     fill (FLUX.1 Fill [dev])" in out
+    assert out.count("family:     flux1 (FLUX.1-dev)") == 2  # Kontext has the dev layout: only --model_type names it
+    assert cli_main(["inspect", "--model_type", "kontext", str(tiny_family_ckpts.kontext)]) == 0
+    assert "family:     kontext (FLUX.1 Kontext [dev])" in capsys.readouterr().out
