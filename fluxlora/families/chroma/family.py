@@ -33,10 +33,11 @@ from fluxlora.families.base import (
 )
 from fluxlora.families.chroma.conditioning import ATTENDED_PADDING, chroma_text_mask
 from fluxlora.models.checkpoints import ModelKind, SafetensorsHeader, detect_kind
+from fluxlora.network.metadata import ArchitectureStrings
 
 T5_LENGTH = 512  # sd-scripts: 512 for dev and chroma
 SAMPLE_STEPS = 50
-ARCHITECTURE = "chroma/lora"
+ARCHITECTURE = "chroma"  # a LoRA says chroma/lora (sd-scripts)
 IMPLEMENTATION = "https://huggingface.co/lodestones/Chroma"
 
 
@@ -147,9 +148,8 @@ class Chroma(ModelFamily):
         return None
 
     # ---- files written -------------------------------------------------------------------------------------------
-    def lora_metadata(self, info: ModelInfo) -> dict[str, str]:
-        return {"modelspec.architecture": ARCHITECTURE, "modelspec.implementation": IMPLEMENTATION,
-                "ss_base_model_version": "chroma"}
+    def architecture(self, info: ModelInfo) -> ArchitectureStrings:
+        return ArchitectureStrings(ARCHITECTURE, IMPLEMENTATION, "chroma")
 
     def check_lora(self, info: ModelInfo, metadata: Mapping[str, str]) -> str | None:
         architecture = metadata.get("modelspec.architecture", "")

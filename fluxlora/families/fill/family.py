@@ -30,11 +30,12 @@ from fluxlora.families.base import Autocast, Conditioning, ModelInfo
 from fluxlora.families.fill.inputs import fill_conditioning, fill_input
 from fluxlora.families.flux1.family import Flux1, _in_features
 from fluxlora.models.checkpoints import ModelKind, SafetensorsHeader, detect_kind
+from fluxlora.network.metadata import ArchitectureStrings
 
 logger = logging.getLogger(__name__)
 
 FILL_IN_CHANNELS = 384
-ARCHITECTURE = "flux-1-fill-dev/lora"
+ARCHITECTURE = "flux-1-fill-dev"  # a LoRA adds "/lora"
 SAMPLE_STEPS = 50
 
 
@@ -79,8 +80,8 @@ class Fill(Flux1):
     def default_sample_steps(self, info: ModelInfo) -> int:
         return SAMPLE_STEPS
 
-    def lora_metadata(self, info: ModelInfo) -> dict[str, str]:
-        return {**super().lora_metadata(info), "modelspec.architecture": ARCHITECTURE}
+    def architecture(self, info: ModelInfo) -> ArchitectureStrings:
+        return replace(super().architecture(info), architecture=ARCHITECTURE)
 
     def check_lora(self, info: ModelInfo, metadata: Mapping[str, str]) -> str | None:
         architecture = metadata.get("modelspec.architecture", "")

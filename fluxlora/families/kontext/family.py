@@ -31,10 +31,11 @@ from fluxlora.families.base import Autocast, Conditioning, ModelInfo, ModelShape
 from fluxlora.families.flux1.family import Flux1
 from fluxlora.families.kontext.tokens import noisy_part, with_reference
 from fluxlora.models.checkpoints import SafetensorsHeader
+from fluxlora.network.metadata import ArchitectureStrings
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURE = "flux-1-kontext-dev/lora"
+ARCHITECTURE = "flux-1-kontext-dev"  # a LoRA adds "/lora"
 SAMPLE_STEPS = 28  # diffusers' FluxKontextPipeline default
 
 
@@ -75,8 +76,8 @@ class Kontext(Flux1):
     def default_sample_steps(self, info: ModelInfo) -> int:
         return SAMPLE_STEPS
 
-    def lora_metadata(self, info: ModelInfo) -> dict[str, str]:
-        return {**super().lora_metadata(info), "modelspec.architecture": ARCHITECTURE}
+    def architecture(self, info: ModelInfo) -> ArchitectureStrings:
+        return replace(super().architecture(info), architecture=ARCHITECTURE)
 
     def check_lora(self, info: ModelInfo, metadata: Mapping[str, str]) -> str | None:
         architecture = metadata.get("modelspec.architecture", "")
