@@ -23,7 +23,7 @@ from fluxlora.errors import CheckpointError, ConfigError
 from fluxlora.families import resolve_family
 from fluxlora.models.checkpoints import ModelKind, read_header, require_kind, strip_prefix
 from fluxlora.network.formats import LoraModule, kohya_name, write_kohya
-from fluxlora.network.metadata import build_metadata
+from fluxlora.network.metadata import ArchitectureStrings, build_metadata
 from fluxlora.network.saving import save_lora
 from fluxlora.tools.merge import parse_precision
 
@@ -42,6 +42,7 @@ class ExtractOptions:
     save_precision: str | None = None
     clamp_quantile: float = 0.99
     no_metadata: bool = False
+    model_type: str | None = None  # the model family of both files (None: from the headers; Kontext needs it)
 
 
 def target_keys(model_keys: dict[str, tuple[int, ...]]) -> list[str]:
@@ -76,9 +77,19 @@ def svd_lora(delta: torch.Tensor, dim: int, clamp_quantile: float) -> tuple[torc
 
 def _open_model(path: Path, flag: str):
     header = read_header(path, flag=flag)
-    require_kind(header, ModelKind.FLUX, flag=flag)
+    require_kind(header, (ModelKind.FLUX, ModelKind.CHROMA), flag=flag)
     model_to_file = {model: file for file, model in strip_prefix(header.tensors).items()}
     return header, model_to_file
+
+
+def _architecture(args: ExtractOptions) -> ArchitectureStrings:
+    """The base model both files are (the LoRA is named after it); files of two families are refused."""
+    family, info = resolve_family(args.model_org, args.model_type, flag="--model_org")
+    tuned_family, tuned = resolve_family(args.model_tuned, args.model_type, flag="--model_tuned")
+    if tuned_family.name != family.name or tuned.variant != info.variant:
+        raise CheckpointError(f"--model_tuned {args.model_tuned}: is {tuned.title} but --model_org is {info.title}; "
+                              "extract from two files of one model", path=args.model_tuned, key="--model_tuned")
+    return family.architecture(info)
 
 
 def extract(args: ExtractOptions) -> None:
@@ -92,6 +103,7 @@ def extract(args: ExtractOptions) -> None:
         raise ConfigError(f"--clamp_quantile {args.clamp_quantile} must be in (0, 1]", key="--clamp_quantile")
     org, org_keys = _open_model(args.model_org, "--model_org")
     tuned, tuned_keys = _open_model(args.model_tuned, "--model_tuned")
+    architecture = _architecture(args)
     org_shapes = {k: org.tensors[f].shape for k, f in org_keys.items()}
     keys = target_keys(org_shapes)
     if not keys:
@@ -117,10 +129,9 @@ def extract(args: ExtractOptions) -> None:
     tensors = write_kohya(modules, save_dtype)
     ranks = {m.rank for m in modules.values()}
     rank = str(ranks.pop()) if len(ranks) == 1 else None
-    family, model = resolve_family(tuned.path, None, flag="--model_tuned")
     info = {"network_dim": rank or "Dynamic", "network_alpha": str(float(rank)) if rank else "Dynamic",
             "network_args": {}, "metadata_title": args.save_to.stem}
-    metadata = build_metadata(info, family.architecture(model),
+    metadata = build_metadata(info, architecture,
                               detail="bare" if args.no_metadata else "minimal")
     save_lora(args.save_to, tensors, metadata)  # adds sshs_model_hash / sshs_legacy_hash
     logger.info("extracted %d module(s) at rank %s -> %s", len(modules), rank or "varying", args.save_to)
@@ -137,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clamp_quantile", type=float, default=0.99, help="clamp up/down to this quantile (default 0.99)")
     p.add_argument("--mem_eff_safe_open", action="store_true", help="accepted; tensors are always read one at a time")
     p.add_argument("--no_metadata", action="store_true", help="write only the minimal ss_* metadata")
+    p.add_argument("--model_type", default=None, help="(fluxlora) the model family of both files when the headers do "
+                   "not tell (kontext); default: detected")
     return p
 
 
@@ -145,7 +158,7 @@ def parse_extract_args(argv: list[str]) -> ExtractOptions:
     a = build_parser().parse_args(argv)
     return ExtractOptions(model_org=Path(a.model_org), model_tuned=Path(a.model_tuned), save_to=Path(a.save_to),
                           dim=a.dim, device=a.device, save_precision=a.save_precision,
-                          clamp_quantile=a.clamp_quantile, no_metadata=a.no_metadata)
+                          clamp_quantile=a.clamp_quantile, no_metadata=a.no_metadata, model_type=a.model_type)
 
 
 def main(argv: list[str]) -> int:

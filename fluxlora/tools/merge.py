@@ -91,6 +91,7 @@ class MergeOptions:
     concat: bool = False
     shuffle: bool = False
     ignore_unmatched: bool = False
+    model_type: str | None = None  # the family of --flux_model (None: from its header; Kontext needs it)
 
     @property
     def into_models(self) -> bool:
@@ -118,10 +119,19 @@ def parse_precision(value: str | None, flag: str, *, allow_fp8: bool = True) -> 
     return dtype
 
 
-def architecture_of_loras(metadatas: list[Mapping[str, str]]) -> ArchitectureStrings:
-    """The base model the merged LoRAs share, as their files name it; FLUX.1-dev (sd-scripts' assumption) when they
-    name none or disagree."""
-    found = {ArchitectureStrings.of_lora(meta) for meta in metadatas} - {None}
+def architecture_of_loras(metadatas: list[Mapping[str, str]], paths: list[Path] | None = None
+                          ) -> ArchitectureStrings:
+    """The base model the merged LoRAs share, as their files name it (FLUX.1-dev, sd-scripts' assumption, when none
+    does); LoRAs of different base models (Chroma and FLUX.1, Kontext and Fill...) are refused: their sum fits
+    neither. FLUX.1 dev and schnell LoRAs together give dev, as before."""
+    named = [ArchitectureStrings.of_lora(meta) for meta in metadatas]
+    found = {a for a in named if a is not None}
+    if len({a.architecture for a in found} - {"flux-1-dev", "flux-1-schnell"}) + bool(
+            {a.architecture for a in found} & {"flux-1-dev", "flux-1-schnell"}) > 1:
+        names = ", ".join(f"{(paths or [Path('?')] * len(named))[i].name} ({a.architecture if a else 'unnamed'})"
+                          for i, a in enumerate(named))
+        raise CheckpointError(f"--models: LoRAs of different base models ({names}); merge LoRAs of one model "
+                              "family (their modelspec.architecture must agree)", key="--models")
     if len(found) == 1:
         return found.pop()
     from fluxlora.families.flux1.family import FLUX1
@@ -187,7 +197,7 @@ def _base_key_map(keys: Mapping[str, tuple[int, ...]], lora_prefix: str) -> tupl
 
 
 _BASES = (  # (lora prefix, model flag, save flag, kinds)
-    ("lora_unet", "--flux_model", "--save_to", (ModelKind.FLUX,)),
+    ("lora_unet", "--flux_model", "--save_to", (ModelKind.FLUX, ModelKind.CHROMA)),
     ("lora_te1", "--clip_l", "--clip_l_save_to", (ModelKind.CLIP_L,)),
     ("lora_te3", "--t5xxl", "--t5xxl_save_to", (ModelKind.T5XXL,)),
 )
@@ -210,6 +220,14 @@ def merge_into_models(args: MergeOptions) -> None:
         require_kind(header, kinds, flag=flag)
         names, _ = _base_key_map(header.shapes, prefix)
         bases[prefix] = (header, names, flag, save_flag)
+    family = architecture = None
+    if "lora_unet" in bases:  # the transformer's model family: its LoRAs only, its name in the output
+        family, info = resolve_family(Path(args.flux_model), args.model_type, flag="--flux_model")
+        architecture = family.architecture(info)
+        for path, _, _, meta in loras:
+            refusal = family.check_lora(info, meta)
+            if refusal is not None:
+                raise CheckpointError(f"--models {path}: {refusal}", path=path, key="--models")
 
     # Validate everything before touching a weight: unmatched modules and shape mismatches are reported up front.
     plan: dict[str, list[tuple[str, LoraModule, float]]] = {p: [] for p in bases}
@@ -252,11 +270,8 @@ def merge_into_models(args: MergeOptions) -> None:
         logger.warning("%s; skipped (--ignore_unmatched)", message)
 
     merged_from = ", ".join(_title(p, meta) for p, _, _, meta in loras)
-    architecture = architecture_of_loras([meta for *_, meta in loras])
-    if "lora_unet" in bases:  # the transformer's family names the merged model
-        header, _, flag, _ = bases["lora_unet"]
-        family, info = resolve_family(header.path, None, flag=flag)
-        architecture = family.architecture(info)
+    if architecture is None:  # no transformer merged: the LoRAs name the text encoders' model
+        architecture = architecture_of_loras([meta for *_, meta in loras], [p for p, *_ in loras])
     for prefix, (header, _, _flag, save_flag) in bases.items():
         tensors = _merge_file(header, plan[prefix], merge_dtype or torch.float32, save_dtype, args.working_device,
                               args.loading_device)
@@ -368,7 +383,7 @@ def merge_loras(args: MergeOptions) -> None:
     info = {"network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
             "network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic", "merged_from": merged_from,
             "metadata_title": args.save_to.stem, "metadata_merged_from": merged_from}
-    metadata = build_metadata(info, architecture_of_loras([meta for *_, meta in loras]),
+    metadata = build_metadata(info, architecture_of_loras([meta for *_, meta in loras], [p for p, *_ in loras]),
                               detail="bare" if args.no_metadata else "minimal")
     save_lora(args.save_to, tensors, metadata)  # adds sshs_model_hash / sshs_legacy_hash
     logger.info("merged %d LoRA(s), %d module(s) -> %s", len(loras), len(result), args.save_to)
@@ -379,7 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_precision", default=None, help="output precision: float, fp16, bf16, fp8_e4m3fn, fp8_e5m2 "
                    "(default: each tensor keeps the base file's dtype; LoRA merges: --precision)")
     p.add_argument("--precision", default="float", help="merge precision: float, fp16, bf16 (default float)")
-    p.add_argument("--flux_model", default=None, help="FLUX.1 transformer (.safetensors, BFL layout, prefix allowed)")
+    p.add_argument("--flux_model", default=None, help="FLUX.1-family transformer (.safetensors, BFL layout, prefix "
+                   "allowed): FLUX.1, Chroma, Kontext, Fill")
+    p.add_argument("--model_type", default=None, help="(fluxlora) the family of --flux_model when its header does not "
+                   "tell (kontext); default: detected")
     p.add_argument("--clip_l", default=None, help="CLIP-L text encoder (.safetensors)")
     p.add_argument("--t5xxl", default=None, help="T5-XXL text encoder (.safetensors)")
     p.add_argument("--mem_eff_load_save", action="store_true", help="accepted; loading is memory-mapped anyway")
@@ -415,7 +433,7 @@ def parse_merge_args(argv: list[str]) -> MergeOptions:
         models=tuple(Path(p) for p in args.models), ratios=tuple(float(r) for r in ratios), **paths,
         precision=args.precision, save_precision=args.save_precision, loading_device=args.loading_device,
         working_device=args.working_device, no_metadata=args.no_metadata, concat=args.concat, shuffle=args.shuffle,
-        ignore_unmatched=args.ignore_unmatched)
+        ignore_unmatched=args.ignore_unmatched, model_type=args.model_type)
     if not options.into_models and options.save_to is None:
         raise ConfigError("--save_to is required; say where to write the merged LoRA", key="--save_to")
     return options
