@@ -162,6 +162,8 @@ class ModelFamily(ABC):
     #: what it reads from each training image's paired file in `conditioning_data_dir` (`fluxlora.data.pairs`):
     #: "reference" (a reference image), "mask" (an inpainting mask) or None (no pairs). [fam1 hook]
     control_kind: str | None = None
+    #: submodules whose Linears `--fp8_base` leaves in the weight dtype (small, precision-sensitive). [fam1 hook]
+    fp8_keep: tuple[str, ...] = ()
 
     # ---- files (headers only) ------------------------------------------------------------------------------------
     @abstractmethod

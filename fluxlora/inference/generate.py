@@ -233,7 +233,7 @@ class Generator:
                 network.merge_into_base()  # before any fp8 storage, so the sum is taken in the compute dtype
         if self.flux_fp8 is not None:
             logger.info("transformer: %d Linear weights stored as %s",
-                        store_linears_in_fp8(self.model, dtype=self.flux_fp8), self.flux_fp8)
+                        store_linears_in_fp8(self.model, dtype=self.flux_fp8, keep=family.fp8_keep), self.flux_fp8)
         if not self.merged:
             for network in self.networks:
                 network.to(self.device)

@@ -80,18 +80,21 @@ def upcast_fp8_linears(module: nn.Module) -> int:
     return count
 
 
-def store_linears_in_fp8(module: nn.Module, *, scaled: bool = False, dtype: torch.dtype = torch.float8_e4m3fn) -> int:
+def store_linears_in_fp8(module: nn.Module, *, scaled: bool = False, dtype: torch.dtype = torch.float8_e4m3fn,
+                         keep: tuple[str, ...] = ()) -> int:
     """Keep every Linear weight of `module` in `dtype` (fp8) and up-cast it per call; returns how many were converted.
 
     `scaled` (--fp8_scaled) adds a per-output-row scale (a non-persistent buffer `fp8_scale`), applied to the
-    layer output. Weights already stored in fp8 (fp8 checkpoints) are used as they are (not counted). Used by
-    training (`--fp8_base`) and by `fluxlora generate` (`--flux_dtype fp8`).
+    layer output. Weights already stored in fp8 (fp8 checkpoints) are used as they are (not counted). Linears under
+    the submodules named in `keep` stay as they are (a model family's precision-sensitive parts, e.g. Chroma's
+    approximator). Used by training (`--fp8_base`) and by `fluxlora generate` (`--flux_dtype fp8`).
     """
     if dtype not in FP8_DTYPES:
         raise ValueError(f"store_linears_in_fp8: {dtype} is not an fp8 dtype")
+    kept = {id(m) for name in keep for m in module.get_submodule(name).modules()}
     count = 0
     for linear in module.modules():
-        if isinstance(linear, nn.Linear) and linear.weight.dtype not in FP8_DTYPES:
+        if isinstance(linear, nn.Linear) and linear.weight.dtype not in FP8_DTYPES and id(linear) not in kept:
             weight, scale = fp8_quantize(linear.weight.data, scaled=scaled, dtype=dtype)
             linear.weight.data = weight
             if scale is not None:

@@ -94,7 +94,7 @@ def load_transformer(plan: RunPlan, device: torch.device) -> tuple[nn.Module, Bl
     cfg, precision = plan.cfg, plan.precision
     model = freeze(plan.family.load_transformer(plan.model, dtype=precision.weight, device="cpu"))
     if precision.fp8:
-        n = store_linears_in_fp8(model, scaled=cfg.precision.fp8_scaled)
+        n = store_linears_in_fp8(model, scaled=cfg.precision.fp8_scaled, keep=plan.family.fp8_keep)
         logger.info("--fp8_base: %d transformer Linear weights stored as float8_e4m3fn%s", n,
                     " with per-row scales (--fp8_scaled)" if cfg.precision.fp8_scaled else "")
     layout = plan.family.blocks(model)

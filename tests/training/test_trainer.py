@@ -36,10 +36,15 @@ def test_training_writes_a_kohya_lora_with_metadata_and_plot(train_argv, tmp_pat
 
 
 # "accum2-cached": the resumed run frees its text encoders after caching and parks the AE on the host, as the
-# first part did
-@pytest.mark.parametrize("family", ["flux1", "flux2"])
-@pytest.mark.parametrize("extra", [(), ("--gradient_accumulation_steps=2", "--cache_latents",
-                                        "--cache_text_encoder_outputs")], ids=["plain", "accum2-cached"])
+# first part did; every model family resumes exactly (Kontext/Fill with their pairs, cached too)
+ACCUM2_CACHED = ("--gradient_accumulation_steps=2", "--cache_latents", "--cache_text_encoder_outputs")
+
+
+@pytest.mark.parametrize(("extra", "family"), [
+    ((), "flux1"), (ACCUM2_CACHED, "flux1"), ((), "flux2"), (ACCUM2_CACHED, "flux2"), ((), "chroma"),
+    (ACCUM2_CACHED, "kontext"), (ACCUM2_CACHED, "fill")],
+    ids=["plain-flux1", "accum2-cached-flux1", "plain-flux2", "accum2-cached-flux2", "chroma", "kontext-accum2-cached",
+         "fill-accum2-cached"])
 def test_resume_is_bit_identical(train_argv, tmp_path, extra, family):
     full = train(train_argv("--max_train_steps=6", *extra, output_dir=tmp_path / "full", family=family))
     first = train(train_argv("--max_train_steps=3", "--save_state", *extra, output_dir=tmp_path / "a", family=family))

@@ -23,12 +23,15 @@ def _twice_per_step(result) -> list[float]:
     return values[0::2]
 
 
-@pytest.mark.parametrize("optimizer", ["AdamW", "AdamWScheduleFree"])
-def test_validation_is_repeatable_and_does_not_touch_training(train_argv, tmp_path, optimizer):
+@pytest.mark.parametrize(("optimizer", "family"), [("AdamW", "flux1"), ("AdamWScheduleFree", "flux1"),
+                                                   ("AdamW", "chroma"), ("AdamW", "kontext"), ("AdamW", "fill")])
+def test_validation_is_repeatable_and_does_not_touch_training(train_argv, tmp_path, optimizer, family):
     flags = ("--max_train_steps=3", f"--optimizer_type={optimizer}")
-    without = train(train_argv(*flags, "--validate_every_n_epochs=1000", toml_extra=SPLIT, output_dir=tmp_path / "a"))
+    without = train(train_argv(*flags, "--validate_every_n_epochs=1000", toml_extra=SPLIT, output_dir=tmp_path / "a",
+                               family=family))
     assert without.validation == []
-    with_val = train(train_argv(*flags, "--validate_every_n_steps=1", toml_extra=SPLIT, output_dir=tmp_path / "b"))
+    with_val = train(train_argv(*flags, "--validate_every_n_steps=1", toml_extra=SPLIT, output_dir=tmp_path / "b",
+                                family=family))
     assert with_val.losses == without.losses  # validation leaves the trajectory (and schedule-free's x/y) alone
     values = _twice_per_step(with_val)
     assert len(values) == 3 and all(v > 0 for v in values)

@@ -8,6 +8,7 @@ from T5-XXL only (no CLIP-L), no guidance input.
 - Sampling: the resolution-shifted schedule of FLUX.1-dev (sd-scripts and diffusers' ChromaPipeline), 50 steps by
   default as sd-scripts' inference script.
 - LoRA files: `modelspec.architecture = chroma/lora`, `ss_base_model_version = chroma` (sd-scripts).
+- `--fp8_base` stores the blocks in fp8 and keeps the approximator (3 % of the weights) in the weight dtype.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class Chroma(ModelFamily):
     text_outputs = (TextOutput("t5_out", "sequence"), TextOutput("t5_mask", "mask"))
     ae_kind = ModelKind.AE
     latent_channels = 16
+    # the approximator feeds every modulation vector, so its fp8 rounding reaches every block; it is 3 % of the
+    # weights: --fp8_base keeps it in the weight dtype (as ComfyUI's fp8 Chroma files do)
+    fp8_keep = ("distilled_guidance_layer",)
 
     # ---- files ---------------------------------------------------------------------------------------------------
     def claims(self, header: SafetensorsHeader) -> bool:

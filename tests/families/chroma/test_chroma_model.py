@@ -176,3 +176,20 @@ def test_gradients_reach_the_blocks_and_approximator() -> None:
                  "distilled_guidance_layer.layers.0.in_layer.weight", "final_layer.linear.weight"):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().max() > 0, name
+
+
+def test_fp8_storage_keeps_the_approximator_in_the_weight_dtype() -> None:
+    from fluxlora.families import family_named
+    from fluxlora.models.fp8 import store_linears_in_fp8
+
+    model = random_model(Chroma, SMALL, torch.Generator().manual_seed(6))
+    count = store_linears_in_fp8(model, keep=family_named("chroma").fp8_keep)
+    assert model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    assert model.final_layer.linear.weight.dtype == torch.float8_e4m3fn
+    approximator = [m for m in model.distilled_guidance_layer.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.weight.dtype == torch.float32 for m in approximator)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert count == len(linears) - len(approximator)
+    x = inputs(SMALL)
+    with torch.no_grad():
+        assert torch.isfinite(ours_forward(model, x)).all()
