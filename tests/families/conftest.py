@@ -18,6 +18,7 @@ _training = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_training)
 
 tiny_dataset = _training.tiny_dataset
+tiny_pairs = _training.tiny_pairs
 train_argv = _training.train_argv
 
 def diffusers_flux_from(flux: Flux):
