@@ -57,8 +57,8 @@ def _keep_text_encoders(monkeypatch):
 
     real = plan.residency_for
 
-    def keep(cfg):
-        return dataclasses.replace(real(cfg), drop_text_encoders=False)
+    def keep(*args, **kwargs):  # residency_for(cfg, family)
+        return dataclasses.replace(real(*args, **kwargs), drop_text_encoders=False)
 
     monkeypatch.setattr(plan, "residency_for", keep)
 
